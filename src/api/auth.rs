@@ -1,0 +1,84 @@
+//! Who is calling: an agency by its API key, a citizen by an identity-provider token.
+//! API keys are random, shown once and stored as SHA-256: a leaked database reveals no key.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use super::{ApiError, AppState};
+use crate::domain::Pinfl;
+
+pub const KEY_PREFIX: &str = "dalil_";
+
+/// A new API key: (the secret to show once, its display prefix, its hash to store).
+pub fn new_api_key() -> (String, String, Vec<u8>) {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let secret = format!("{KEY_PREFIX}{}", hex::encode(bytes));
+    let prefix = secret[..KEY_PREFIX.len() + 8].to_string();
+    let hash = Sha256::digest(secret.as_bytes()).to_vec();
+    (secret, prefix, hash)
+}
+
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let value = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <key>".into()))?;
+    let value = value.to_str().map_err(|_| ApiError::Unauthorized("malformed Authorization header".into()))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
+        _ => Err(ApiError::Unauthorized("send Authorization: Bearer <key>".into())),
+    }
+}
+
+/// The agency behind a valid, unrevoked API key.
+#[derive(Debug, Clone)]
+pub struct Agency {
+    pub id: Uuid,
+    pub code: String,
+    pub name: String,
+}
+
+impl FromRequestParts<AppState> for Agency {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let key = bearer(parts)?;
+        let denied = || ApiError::Unauthorized("the API key is unknown or revoked".into());
+        if !key.starts_with(KEY_PREFIX) || key.len() > 200 {
+            return Err(denied());
+        }
+        let hash = Sha256::digest(key.as_bytes()).to_vec();
+        let row: Option<(Uuid, String, String, Vec<u8>)> = sqlx::query_as(
+            "select a.id, a.code, a.name, k.key_hash from api_key k join agency a on a.id = k.agency_id
+             where k.key_hash = $1 and k.revoked_at is null",
+        )
+        .bind(&hash)
+        .fetch_optional(&state.pool)
+        .await?;
+        match row {
+            Some((id, code, name, stored)) if bool::from(stored.ct_eq(&hash)) => Ok(Agency { id, code, name }),
+            _ => Err(denied()),
+        }
+    }
+}
+
+/// A citizen signed in through the identity provider.
+#[derive(Debug, Clone)]
+pub struct Citizen {
+    pub pinfl: Pinfl,
+}
+
+impl FromRequestParts<AppState> for Citizen {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts)?;
+        let pinfl = state.identity.verify(token, chrono::Utc::now().timestamp()).map_err(ApiError::Unauthorized)?;
+        Ok(Citizen { pinfl })
+    }
+}

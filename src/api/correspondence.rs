@@ -1,0 +1,682 @@
+//! The agency API: submit correspondence, follow it.
+//!
+//! A submission is one transaction: idempotency claim, item, attachments, steps, attempts,
+//! outbox rows and the SubmissionAcceptance evidence — all or nothing, committed before the
+//! `202`.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sqlx::PgConnection;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::auth::Agency;
+use super::{ApiError, ApiResult, AppState, JsonBody};
+use crate::domain::{FieldError, Kind, Language, RecipientId};
+use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence, StoredEvidence};
+use crate::outbox;
+use crate::queue::{Envelope, DELIVERY_EXCHANGE};
+use crate::templates::{self, RenderError};
+
+/// Attachments may add up to this many bytes (decoded).
+pub const MAX_ATTACHMENT_BYTES: usize = 10 * 1024 * 1024;
+const MAX_ATTACHMENTS: usize = 20;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    pub kind: Kind,
+    pub recipient: RecipientRef,
+    /// A template name from `GET /v1/templates`.
+    pub template: String,
+    pub language: Language,
+    /// The template's variables; every one it declares is required.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub personalisation: Map<String, Value>,
+    /// The agency's own reference (case number, letter number), 1–100 characters.
+    pub reference: String,
+    #[serde(default)]
+    pub attachments: Vec<AttachmentIn>,
+    /// When the recipient must respond by (RFC 3339); must be in the future.
+    #[serde(default)]
+    pub respond_by: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecipientRef {
+    /// A person's PINFL (14 digits).
+    pub pinfl: Option<String>,
+    /// A legal entity's TIN (9 digits).
+    pub tin: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentIn {
+    pub name: String,
+    pub content_type: String,
+    /// The file, base64 (standard alphabet, padded).
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AttachmentDigest {
+    pub n: i32,
+    pub name: String,
+    pub content_type: String,
+    pub size: i32,
+    pub sha256: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubmitResponse {
+    pub id: Uuid,
+    pub status: String,
+    pub reference: String,
+    /// The SubmissionAcceptance record, which fixes the digests of the content and attachments.
+    pub evidence: StoredEvidence,
+}
+
+struct Prepared {
+    kind: Kind,
+    recipient: RecipientId,
+    template: String,
+    language: Language,
+    personalisation: Map<String, Value>,
+    reference: String,
+    respond_by: Option<DateTime<Utc>>,
+    attachments: Vec<(AttachmentDigest, Vec<u8>)>,
+}
+
+/// Everything that can be checked without the database.
+fn prepare(req: SubmitRequest) -> Result<Prepared, ApiError> {
+    let recipient = RecipientId::from_parts(req.recipient.pinfl.as_deref(), req.recipient.tin.as_deref())
+        .map_err(|e| e.under("recipient"))?;
+    let reference = req.reference.trim().to_string();
+    if reference.is_empty() || reference.chars().count() > 100 || reference.chars().any(char::is_control) {
+        return Err(ApiError::invalid("reference", "1 to 100 characters, no control characters"));
+    }
+    if let Some(t) = req.respond_by {
+        if t <= Utc::now() {
+            return Err(ApiError::invalid("respond_by", "must be in the future"));
+        }
+    }
+    if req.attachments.len() > MAX_ATTACHMENTS {
+        return Err(ApiError::invalid("attachments", format!("at most {MAX_ATTACHMENTS} attachments")));
+    }
+    let mut attachments = Vec::new();
+    let mut total = 0usize;
+    for (i, a) in req.attachments.into_iter().enumerate() {
+        let field = |f: &str| format!("attachments[{i}].{f}");
+        let name = a.name.trim().to_string();
+        if name.is_empty() || name.chars().count() > 200 || name.contains(['/', '\\']) || name.chars().any(char::is_control) {
+            return Err(ApiError::invalid(field("name"), "a file name of 1 to 200 characters, without / or \\"));
+        }
+        let ct = a.content_type.trim().to_ascii_lowercase();
+        let valid_ct = ct.split_once('/').is_some_and(|(t, s)| {
+            !t.is_empty() && !s.is_empty() && ct.len() <= 100 && ct.chars().all(|c| c.is_ascii_alphanumeric() || "/.+-".contains(c))
+        });
+        if !valid_ct {
+            return Err(ApiError::invalid(field("content_type"), "a media type such as application/pdf"));
+        }
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(a.content.trim())
+            .map_err(|_| ApiError::invalid(field("content"), "not valid base64"))?;
+        if data.is_empty() {
+            return Err(ApiError::invalid(field("content"), "the file is empty"));
+        }
+        total += data.len();
+        if total > MAX_ATTACHMENT_BYTES {
+            return Err(ApiError::TooLarge(format!("attachments add up to more than {MAX_ATTACHMENT_BYTES} bytes")));
+        }
+        let digest = AttachmentDigest {
+            n: i as i32,
+            name,
+            content_type: ct,
+            size: data.len() as i32,
+            sha256: evidence::sha256_hex(&data),
+        };
+        attachments.push((digest, data));
+    }
+    Ok(Prepared {
+        kind: req.kind,
+        recipient,
+        template: req.template,
+        language: req.language,
+        personalisation: req.personalisation,
+        reference,
+        respond_by: req.respond_by,
+        attachments,
+    })
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<String> {
+    let value = headers
+        .get("idempotency-key")
+        .ok_or_else(|| ApiError::bad_request("Idempotency-Key", "the Idempotency-Key header is required: a unique value per item, reused on retries"))?;
+    let key = value.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key", "must be visible ASCII"))?.trim();
+    if key.is_empty() || key.len() > 200 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::bad_request("Idempotency-Key", "1 to 200 visible ASCII characters"));
+    }
+    Ok(key.to_string())
+}
+
+#[utoipa::path(post, path = "/v1/correspondence", tag = "agency",
+    request_body = SubmitRequest,
+    params(("Idempotency-Key" = String, Header, description = "Unique per item; a retry with the same key and body returns the first answer")),
+    responses(
+        (status = 202, description = "Accepted and committed", body = SubmitResponse),
+        (status = 400, description = "Malformed JSON or missing header", body = super::error::Problem),
+        (status = 401, description = "Missing or invalid API key", body = super::error::Problem),
+        (status = 409, description = "The Idempotency-Key was used for another request", body = super::error::Problem),
+        (status = 413, description = "Body or attachments too large", body = super::error::Problem),
+        (status = 422, description = "A field is invalid; `field` names it", body = super::error::Problem)),
+    security(("agency_key" = [])))]
+pub async fn submit(
+    State(state): State<AppState>,
+    agency: Agency,
+    headers: HeaderMap,
+    body: JsonBody<SubmitRequest>,
+) -> ApiResult<Response> {
+    let key = idempotency_key(&headers)?;
+    let request_sha256 = evidence::sha256_hex(&evidence::canonical(&body.raw));
+
+    // A retry of a finished request needs no validation: answer as the first time.
+    if let Some(resp) = replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256).await? {
+        return Ok(resp);
+    }
+    let p = prepare(body.value)?;
+
+    let mut tx = state.pool.begin().await?;
+    let claimed = sqlx::query(
+        "insert into idempotency (agency_id, key, request_sha256) values ($1, $2, $3) on conflict do nothing",
+    )
+    .bind(agency.id)
+    .bind(&key)
+    .bind(&request_sha256)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if claimed == 0 {
+        // A concurrent request with the same key committed first (we waited on its row lock).
+        drop(tx);
+        return replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256)
+            .await?
+            .ok_or_else(|| ApiError::Conflict { field: Some("Idempotency-Key".into()), detail: "a request with this key is in progress".into() });
+    }
+
+    let recipient: Option<(Uuid, String)> = sqlx::query_as(&format!(
+        "select id, name from recipient where {} = $1",
+        p.recipient.scheme()
+    ))
+    .bind(p.recipient.value())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((recipient_id, recipient_name)) = recipient else {
+        return Err(ApiError::invalid(
+            format!("recipient.{}", p.recipient.scheme()),
+            "no recipient is registered with this identifier",
+        ));
+    };
+
+    let policy = state.policies.for_kind(p.kind);
+    let item_id = Uuid::now_v7();
+    let ctx = templates::Context {
+        agency: templates::AgencyCtx { name: agency.name.clone(), code: agency.code.clone() },
+        recipient: templates::RecipientCtx { name: recipient_name },
+        item: templates::ItemCtx {
+            id: item_id.to_string(),
+            kind: p.kind.as_str().into(),
+            reference: p.reference.clone(),
+            inbox_url: format!("{}/inbox/{item_id}", state.settings.public_url.trim_end_matches('/')),
+            respond_by: p.respond_by.map(templates::local_time),
+        },
+    };
+    let rendered = state
+        .templates
+        .render(&p.template, p.language, p.kind, &p.personalisation, &ctx)
+        .map_err(|e| match e {
+            RenderError::Input(f) => ApiError::Invalid(f),
+            RenderError::Template(file, why) => ApiError::Internal(anyhow::anyhow!("template {file}: {why}")),
+        })?;
+    let content_sha256 = evidence::sha256_hex(rendered.html.as_bytes());
+    let subject_sha256 = evidence::sha256_hex(rendered.subject.as_bytes());
+
+    sqlx::query(
+        "insert into item (id, agency_id, recipient_id, kind, template, language, reference, personalisation,
+                           subject, content_html, content_sha256, respond_by, policy_id, policy_version, status)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 'accepted')",
+    )
+    .bind(item_id)
+    .bind(agency.id)
+    .bind(recipient_id)
+    .bind(p.kind.as_str())
+    .bind(&p.template)
+    .bind(p.language.as_str())
+    .bind(&p.reference)
+    .bind(sqlx::types::Json(&p.personalisation))
+    .bind(&rendered.subject)
+    .bind(&rendered.html)
+    .bind(&content_sha256)
+    .bind(p.respond_by)
+    .bind(&policy.id)
+    .bind(policy.version)
+    .execute(&mut *tx)
+    .await?;
+    for (d, data) in &p.attachments {
+        sqlx::query(
+            "insert into attachment (item_id, n, name, content_type, size, sha256, data) values ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(item_id)
+        .bind(d.n)
+        .bind(&d.name)
+        .bind(&d.content_type)
+        .bind(d.size)
+        .bind(&d.sha256)
+        .bind(data)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let trace_id = Uuid::new_v4();
+    for step in &policy.steps {
+        let step_id = Uuid::now_v7();
+        let attempt_id = Uuid::now_v7();
+        sqlx::query("insert into step (id, item_id, seq, channel, status) values ($1, $2, 0, $3, 'queued')")
+            .bind(step_id)
+            .bind(item_id)
+            .bind(&step.channel)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("insert into attempt (id, step_id, item_id, channel, status) values ($1, $2, $3, $4, 'queued')")
+            .bind(attempt_id)
+            .bind(step_id)
+            .bind(item_id)
+            .bind(&step.channel)
+            .execute(&mut *tx)
+            .await?;
+        let envelope = Envelope::Deliver { version: 1, item_id, step_id, attempt_id, trace_id };
+        outbox::enqueue(&mut tx, DELIVERY_EXCHANGE, &step.channel, attempt_id, &envelope).await?;
+    }
+    sqlx::query("update idempotency set item_id = $3 where agency_id = $1 and key = $2")
+        .bind(agency.id)
+        .bind(&key)
+        .bind(item_id)
+        .execute(&mut *tx)
+        .await?;
+
+    let item_ctx = ItemContext {
+        item_id,
+        agency_code: agency.code.clone(),
+        recipient_scheme: p.recipient.scheme().into(),
+        recipient_value: p.recipient.value().into(),
+        policy_id: policy.id.clone(),
+        policy_version: policy.version,
+    };
+    let attachments: Vec<&AttachmentDigest> = p.attachments.iter().map(|(d, _)| d).collect();
+    let mut details = serde_json::json!({
+        "kind": p.kind.as_str(),
+        "template": p.template,
+        "language": p.language.as_str(),
+        "reference": p.reference,
+        "subject": rendered.subject,
+        "idempotency_key": key,
+        "trace_id": trace_id,
+    });
+    if let Some(t) = p.respond_by {
+        details["respond_by"] = Value::String(evidence::format_time(t));
+    }
+    // Last statement before commit: the log head's lock is held for as short as possible.
+    evidence::append(
+        &mut tx,
+        &item_ctx,
+        vec![NewEvidence {
+            event: Event::SubmissionAcceptance,
+            at: evidence::now(),
+            actor: Actor::Agency(agency.code.clone()),
+            channel: None,
+            details,
+            digests: Some(serde_json::json!({
+                "subject": { "sha256": subject_sha256 },
+                "content": { "sha256": content_sha256, "media_type": "text/html; charset=utf-8" },
+                "attachments": attachments,
+            })),
+        }],
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(%item_id, %trace_id, agency = agency.code, kind = p.kind.as_str(), "accepted");
+
+    replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256)
+        .await?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("item {item_id} vanished after commit")))
+}
+
+/// The answer to a request whose key was seen: the first answer for the same body, a conflict
+/// for another body, `None` for a new key.
+async fn replay(conn: &mut PgConnection, agency_id: Uuid, key: &str, request_sha256: &str) -> ApiResult<Option<Response>> {
+    let row: Option<(String, Option<Uuid>)> =
+        sqlx::query_as("select request_sha256, item_id from idempotency where agency_id = $1 and key = $2")
+            .bind(agency_id)
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((stored_sha256, item_id)) = row else { return Ok(None) };
+    if stored_sha256 != request_sha256 {
+        return Err(ApiError::Conflict {
+            field: Some("Idempotency-Key".into()),
+            detail: "this Idempotency-Key was used with a different request body".into(),
+        });
+    }
+    let Some(item_id) = item_id else { return Ok(None) };
+    let (status, reference): (String, String) = sqlx::query_as("select status, reference from item where id = $1")
+        .bind(item_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let evidence = evidence::for_item(conn, item_id)
+        .await?
+        .into_iter()
+        .find(|e| e.event == "SubmissionAcceptance")
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("item {item_id} has no SubmissionAcceptance")))?;
+    let body = SubmitResponse { id: item_id, status, reference, evidence };
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/correspondence/{item_id}")) {
+        response.headers_mut().insert(axum::http::header::LOCATION, v);
+    }
+    Ok(Some(response))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Served {
+    pub at: DateTime<Utc>,
+    /// The rule of the policy that made the item served, e.g. `accessed`.
+    pub rule: String,
+    /// The log index of the evidence that decided it.
+    pub evidence: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptView {
+    pub id: Uuid,
+    pub status: String,
+    pub tries: i32,
+    pub detail: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StepView {
+    pub id: Uuid,
+    pub seq: i32,
+    pub channel: String,
+    pub status: String,
+    pub attempts: Vec<AttemptView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ItemView {
+    pub id: Uuid,
+    pub kind: String,
+    pub template: String,
+    pub language: String,
+    pub reference: String,
+    pub subject: String,
+    /// accepted → consigned → opened → served; or failed.
+    pub status: String,
+    #[schema(value_type = Object)]
+    pub recipient: Value,
+    pub respond_by: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub content_sha256: String,
+    pub attachments: Vec<AttachmentDigest>,
+    pub policy: PolicyRef,
+    pub served: Option<Served>,
+    pub steps: Vec<StepView>,
+    pub evidence: Vec<StoredEvidence>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PolicyRef {
+    pub id: String,
+    pub version: i32,
+}
+
+#[derive(sqlx::FromRow)]
+struct ItemRow {
+    id: Uuid,
+    kind: String,
+    template: String,
+    language: String,
+    reference: String,
+    subject: String,
+    status: String,
+    pinfl: Option<String>,
+    tin: Option<String>,
+    respond_by: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    content_sha256: String,
+    policy_id: String,
+    policy_version: i32,
+    served_at: Option<DateTime<Utc>>,
+    served_rule: Option<String>,
+    served_evidence: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/correspondence/{id}", tag = "agency",
+    params(("id" = Uuid, Path, description = "Item id")),
+    responses((status = 200, body = ItemView), (status = 404, description = "No such item of this agency", body = super::error::Problem)),
+    security(("agency_key" = [])))]
+pub async fn get_one(State(state): State<AppState>, agency: Agency, Path(id): Path<String>) -> ApiResult<Json<ItemView>> {
+    // Another agency's item and a missing one look the same: 404.
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let mut conn = state.pool.acquire().await?;
+    let row: Option<ItemRow> = sqlx::query_as(
+        "select i.id, i.kind, i.template, i.language, i.reference, i.subject, i.status, r.pinfl, r.tin,
+                i.respond_by, i.created_at, i.content_sha256, i.policy_id, i.policy_version,
+                i.served_at, i.served_rule, i.served_evidence
+         from item i join recipient r on r.id = i.recipient_id where i.id = $1 and i.agency_id = $2",
+    )
+    .bind(id)
+    .bind(agency.id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let row = row.ok_or(ApiError::NotFound)?;
+    let attachments = attachment_digests(&mut conn, id).await?;
+    let steps: Vec<(Uuid, i32, String, String)> =
+        sqlx::query_as("select id, seq, channel, status from step where item_id = $1 order by seq, created_at")
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await?;
+    let attempts: Vec<(Uuid, Uuid, String, i32, Option<String>, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "select id, step_id, status, tries, detail, created_at, finished_at from attempt where item_id = $1 order by created_at",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let steps = steps
+        .into_iter()
+        .map(|(step_id, seq, channel, status)| StepView {
+            id: step_id,
+            seq,
+            channel,
+            status,
+            attempts: attempts
+                .iter()
+                .filter(|a| a.1 == step_id)
+                .map(|a| AttemptView {
+                    id: a.0,
+                    status: a.2.clone(),
+                    tries: a.3,
+                    detail: a.4.clone(),
+                    created_at: a.5,
+                    finished_at: a.6,
+                })
+                .collect(),
+        })
+        .collect();
+    let evidence = evidence::for_item(&mut conn, id).await?;
+    let recipient = match (&row.pinfl, &row.tin) {
+        (Some(p), _) => serde_json::json!({ "pinfl": p }),
+        (_, Some(t)) => serde_json::json!({ "tin": t }),
+        _ => Value::Null,
+    };
+    Ok(Json(ItemView {
+        id: row.id,
+        kind: row.kind,
+        template: row.template,
+        language: row.language,
+        reference: row.reference,
+        subject: row.subject,
+        status: row.status,
+        recipient,
+        respond_by: row.respond_by,
+        created_at: row.created_at,
+        content_sha256: row.content_sha256,
+        attachments,
+        policy: PolicyRef { id: row.policy_id, version: row.policy_version },
+        served: row.served_at.map(|at| Served { at, rule: row.served_rule.unwrap_or_default(), evidence: row.served_evidence }),
+        steps,
+        evidence,
+    }))
+}
+
+pub async fn attachment_digests(conn: &mut PgConnection, item_id: Uuid) -> sqlx::Result<Vec<AttachmentDigest>> {
+    let rows: Vec<(i32, String, String, i32, String)> =
+        sqlx::query_as("select n, name, content_type, size, sha256 from attachment where item_id = $1 order by n")
+            .bind(item_id)
+            .fetch_all(conn)
+            .await?;
+    Ok(rows.into_iter().map(|(n, name, content_type, size, sha256)| AttachmentDigest { n, name, content_type, size, sha256 }).collect())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// accepted, consigned, opened, served, failed
+    pub status: Option<String>,
+    pub kind: Option<String>,
+    pub reference: Option<String>,
+    /// RFC 3339
+    pub created_after: Option<String>,
+    /// RFC 3339
+    pub created_before: Option<String>,
+    /// 1–200, default 50
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ListEntry {
+    pub id: Uuid,
+    pub kind: String,
+    pub reference: String,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub served_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ListPage {
+    pub items: Vec<ListEntry>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+const STATUSES: [&str; 5] = ["accepted", "consigned", "opened", "served", "failed"];
+
+fn parse_time(field: &str, v: &Option<String>) -> ApiResult<Option<DateTime<Utc>>> {
+    v.as_deref()
+        .map(|s| {
+            DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| ApiError::invalid(field, "an RFC 3339 time, e.g. 2026-11-28T09:00:00Z"))
+        })
+        .transpose()
+}
+
+#[utoipa::path(get, path = "/v1/correspondence", tag = "agency", params(ListQuery),
+    responses((status = 200, body = ListPage), (status = 422, body = super::error::Problem)),
+    security(("agency_key" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    agency: Agency,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<ListPage>> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest { field: None, detail: e.body_text() })?;
+    if let Some(s) = &q.status {
+        if !STATUSES.contains(&s.as_str()) {
+            return Err(ApiError::invalid("status", format!("one of {}", STATUSES.join(", "))));
+        }
+    }
+    if let Some(k) = &q.kind {
+        Kind::parse(k)?;
+    }
+    let after = parse_time("created_after", &q.created_after)?;
+    let before = parse_time("created_before", &q.created_before)?;
+    let max = state.settings.api.max_page_size;
+    let limit = match &q.limit {
+        None => 50.min(max),
+        Some(l) => l.parse::<i64>().ok().filter(|l| (1..=max).contains(l)).ok_or_else(|| {
+            ApiError::Invalid(FieldError::new("limit", format!("a whole number from 1 to {max}")))
+        })?,
+    };
+    let cursor = q
+        .cursor
+        .as_deref()
+        .map(|c| Uuid::parse_str(c).map_err(|_| ApiError::invalid("cursor", "not a cursor this API gave")))
+        .transpose()?;
+
+    let mut b = sqlx::QueryBuilder::new(
+        "select id, kind, reference, status, created_at, served_at from item where agency_id = ",
+    );
+    b.push_bind(agency.id);
+    if let Some(s) = &q.status {
+        b.push(" and status = ").push_bind(s);
+    }
+    if let Some(k) = &q.kind {
+        b.push(" and kind = ").push_bind(k);
+    }
+    if let Some(r) = &q.reference {
+        b.push(" and reference = ").push_bind(r);
+    }
+    if let Some(t) = after {
+        b.push(" and created_at > ").push_bind(t);
+    }
+    if let Some(t) = before {
+        b.push(" and created_at < ").push_bind(t);
+    }
+    if let Some(c) = cursor {
+        b.push(" and id < ").push_bind(c);
+    }
+    b.push(" order by id desc limit ").push_bind(limit + 1);
+    let mut rows: Vec<(Uuid, String, String, String, DateTime<Utc>, Option<DateTime<Utc>>)> =
+        b.build_query_as().fetch_all(&state.pool).await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next_cursor = if more { rows.last().map(|r| r.0.to_string()) } else { None };
+    Ok(Json(ListPage {
+        items: rows
+            .into_iter()
+            .map(|(id, kind, reference, status, created_at, served_at)| ListEntry { id, kind, reference, status, created_at, served_at })
+            .collect(),
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/templates", tag = "agency",
+    responses((status = 200, description = "Templates by name", body = BTreeMap<String, templates::Manifest>)),
+    security(("agency_key" = [])))]
+pub async fn templates(State(state): State<AppState>, _agency: Agency) -> Json<BTreeMap<String, templates::Manifest>> {
+    Json(state.templates.manifests().clone())
+}

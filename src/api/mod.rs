@@ -1,0 +1,94 @@
+//! The HTTP API (axum): agencies send and follow correspondence, citizens read their inbox.
+//! Every error is `application/problem+json` (see [`error`]).
+
+pub mod auth;
+pub mod correspondence;
+pub mod error;
+pub mod health;
+pub mod inbox;
+pub mod openapi;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::http::header;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use sqlx::PgPool;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Settings;
+use crate::identity::Verifier;
+use crate::policy::Policies;
+use crate::templates::Templates;
+pub use error::{ApiError, ApiResult};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub settings: Arc<Settings>,
+    pub templates: Arc<Templates>,
+    pub policies: Arc<Policies>,
+    pub identity: Arc<Verifier>,
+    pub broker: Arc<health::BrokerProbe>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let max_body = state.settings.api.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(openapi::document))
+        .route("/v1/correspondence", post(correspondence::submit).get(correspondence::list))
+        .route("/v1/correspondence/{id}", get(correspondence::get_one))
+        .route("/v1/templates", get(correspondence::templates))
+        .route("/v1/inbox", get(inbox::list))
+        .route("/v1/inbox/{id}", get(inbox::open))
+        .route("/v1/inbox/{id}/attachments/{n}", get(inbox::attachment))
+        .route("/v1/inbox/{id}/acknowledge", post(inbox::acknowledge))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// A JSON body, parsed with the failing field named: malformed JSON is a 400, a body of the
+/// wrong shape a 422 naming the path (`recipient.pinfl`), an oversize body a 413.
+pub struct JsonBody<T> {
+    pub value: T,
+    /// The body as sent, parsed: what the idempotency check compares.
+    pub raw: serde_json::Value,
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|ct| ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"))
+            .unwrap_or(false);
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::TooLarge("the request body is larger than this server accepts".into()))
+            }
+            Err(rejection) => return Err(ApiError::BadRequest { field: None, detail: rejection.body_text() }),
+        };
+        let raw: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::BadRequest { field: None, detail: format!("malformed JSON: {e}") })?;
+        let value = serde_path_to_error::deserialize(&raw).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { String::new() } else { path };
+            ApiError::invalid(field, e.into_inner().to_string())
+        })?;
+        Ok(JsonBody { value, raw })
+    }
+}

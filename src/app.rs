@@ -1,0 +1,137 @@
+//! The roles of the `dalil` binary as functions that tests can call: build, then run until a
+//! cancellation token fires. The caller binds the listener (tests use port 0).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, health::BrokerProbe, AppState};
+use crate::config::Settings;
+use crate::identity::Verifier;
+use crate::policy::Policies;
+use crate::queue::{self, Topology};
+use crate::templates::Templates;
+use crate::{db, outbox, worker};
+
+pub struct App {
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub topology: Topology,
+    listener: TcpListener,
+    state: AppState,
+}
+
+/// Which roles a process runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Roles {
+    pub serve: bool,
+    pub relay: bool,
+    pub worker: bool,
+}
+
+pub fn load_topology(settings: &Settings) -> anyhow::Result<Topology> {
+    Topology::load(&settings.topology_file, &settings.queue_prefix, settings.queue_expires_ms)
+}
+
+/// Declares the RabbitMQ topology (`dalil topology`).
+pub async fn declare_topology(settings: &Settings) -> anyhow::Result<Topology> {
+    let topology = load_topology(settings)?;
+    let conn = queue::connect(settings.amqp_url.expose_secret(), "dalil-topology").await?;
+    let ch = conn.create_channel().await?;
+    topology.declare(&ch).await?;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(topology)
+}
+
+impl App {
+    /// Connects, loads templates, policies and keys, checks the topology, binds the listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let pool = db::connect(&settings).await?;
+        let topology = load_topology(&settings)?;
+        {
+            let conn = queue::connect(settings.amqp_url.expose_secret(), "dalil-startup-check").await?;
+            topology.check(&conn).await?;
+            let _ = conn.close(200, "checked".into()).await;
+        }
+        let templates = Templates::load(&settings.templates_dir)?;
+        let policies = Policies::load(&settings.policies_file)?;
+        let identity = Verifier::load(&settings.identity)?;
+        let listener = TcpListener::bind(&settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
+        let state = AppState {
+            pool: pool.clone(),
+            settings: Arc::new(settings.clone()),
+            templates: Arc::new(templates),
+            policies: Arc::new(policies),
+            identity: Arc::new(identity),
+            broker: Arc::new(BrokerProbe::default()),
+        };
+        Ok(App { settings, pool, topology, listener, state })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Runs the chosen roles until `cancel` fires, then drains: the HTTP server finishes the
+    /// requests it has, workers settle their deliveries, the relay finishes its batch.
+    pub async fn run_until_stopped(self, roles: Roles, worker_channels: Vec<String>, cancel: CancellationToken) -> anyhow::Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        if roles.relay {
+            let (pool, settings, topology, cancel) = (self.pool.clone(), self.settings.clone(), self.topology.clone(), cancel.clone());
+            tasks.spawn(async move { outbox::run(pool, settings, topology, cancel).await.context("relay") });
+        }
+        if roles.worker {
+            let (pool, settings, topology, cancel) = (self.pool.clone(), self.settings.clone(), self.topology.clone(), cancel.clone());
+            tasks.spawn(async move { worker::run(pool, settings, topology, worker_channels, cancel).await.context("worker") });
+        }
+        if roles.serve {
+            let app = api::router(self.state.clone());
+            let listener = self.listener;
+            let cancel = cancel.clone();
+            tracing::info!(addr = %listener.local_addr()?, "serving HTTP");
+            tasks.spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { cancel.cancelled().await })
+                    .await
+                    .context("HTTP server")
+            });
+        }
+        let mut result = Ok(());
+        while let Some(joined) = tasks.join_next().await {
+            let outcome = joined.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(e) = outcome {
+                // One role failing stops the others: a half-running process helps nobody.
+                tracing::error!(error = format!("{e:#}"), "a role stopped with an error; shutting down");
+                cancel.cancel();
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        self.pool.close().await;
+        result
+    }
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C.
+pub fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested: finishing work in flight");
+        t.cancel();
+    });
+    token
+}

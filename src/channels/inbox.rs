@@ -1,0 +1,36 @@
+//! The portal inbox: the deposit is a row, and the unique item id makes a second deposit of
+//! the same item impossible whatever the broker redelivers.
+
+use futures_util::future::BoxFuture;
+use sqlx::PgConnection;
+
+use super::{Channel, ChannelError, Job, Sent};
+use crate::evidence::Event;
+
+pub struct Inbox;
+
+impl Channel for Inbox {
+    fn name(&self) -> &'static str {
+        "inbox"
+    }
+
+    fn send<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, Result<Sent, ChannelError>> {
+        Box::pin(async { Ok(Sent { event: Event::ContentConsignment, details: serde_json::json!({ "mailbox": "portal" }) }) })
+    }
+
+    fn record<'a>(&'a self, conn: &'a mut PgConnection, job: &'a Job) -> BoxFuture<'a, Result<bool, ChannelError>> {
+        Box::pin(async move {
+            let inserted = sqlx::query(
+                "insert into inbox_entry (item_id, recipient_id, attempt_id, deposited_at)
+                 values ($1, $2, $3, now()) on conflict (item_id) do nothing",
+            )
+            .bind(job.item.item_id)
+            .bind(job.recipient_id)
+            .bind(job.attempt_id)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            Ok(inserted == 1)
+        })
+    }
+}

@@ -1,0 +1,62 @@
+//! Delivery channels, behind one trait. A channel's errors say whether trying again can help
+//! (`Transient`) or not (`Permanent`); the worker decides retry or failure from that alone.
+
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::evidence::{Event, ItemContext};
+
+pub mod inbox;
+
+/// Channels a policy may name.
+pub const KNOWN_CHANNELS: &[&str] = &["inbox"];
+
+/// One attempt to deliver, as the worker loaded it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub attempt_id: Uuid,
+    pub step_id: Uuid,
+    pub recipient_id: Uuid,
+    pub item: ItemContext,
+}
+
+/// What a channel did, to be recorded as evidence.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub event: Event,
+    pub details: Value,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ChannelError {
+    #[error("transient: {0}")]
+    Transient(String),
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl From<sqlx::Error> for ChannelError {
+    fn from(e: sqlx::Error) -> Self {
+        ChannelError::Transient(format!("database: {e}"))
+    }
+}
+
+pub trait Channel: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Does the channel's work outside any transaction (a provider call), when it has any.
+    fn send<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Sent, ChannelError>>;
+
+    /// Records the effect in the worker's transaction, idempotently: `Ok(false)` when this
+    /// attempt's effect was recorded before (a redelivered message), so no second evidence.
+    fn record<'a>(&'a self, conn: &'a mut PgConnection, job: &'a Job) -> BoxFuture<'a, Result<bool, ChannelError>>;
+}
+
+pub fn by_name(name: &str) -> Option<Box<dyn Channel>> {
+    match name {
+        "inbox" => Some(Box::new(inbox::Inbox)),
+        _ => None,
+    }
+}

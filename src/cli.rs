@@ -1,0 +1,288 @@
+//! The command line of the `dalil` binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::admin::{self, RecipientInput};
+use crate::app::{self, App, Roles};
+use crate::config::Settings;
+use crate::db;
+
+#[derive(Debug, Parser)]
+#[command(name = "dalil", version, about = "Delivery and proof of delivery of official correspondence")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Migrate, declare the topology, then serve, relay and deliver in one process.
+    All,
+    /// The HTTP API.
+    Serve,
+    /// Publishes the outbox to RabbitMQ.
+    Relay,
+    /// Consumes delivery queues and dispatches.
+    Worker {
+        /// A channel to consume (repeatable); default: worker.channels from the configuration.
+        #[arg(long = "channel")]
+        channels: Vec<String>,
+    },
+    /// Applies the database migrations (creates the database if missing).
+    Migrate,
+    /// Declares the RabbitMQ exchanges and queues of queues/topology.toml.
+    Topology,
+    /// Operator commands.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+        /// Print JSON instead of a summary.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Agencies that send correspondence.
+    Agency {
+        #[command(subcommand)]
+        command: AgencyCommand,
+    },
+    /// Agencies' API keys.
+    ApiKey {
+        #[command(subcommand)]
+        command: ApiKeyCommand,
+    },
+    /// Creates or updates one recipient (only the fields given change).
+    Recipient {
+        #[command(subcommand)]
+        command: RecipientCommand,
+    },
+    /// Bulk recipient operations.
+    Recipients {
+        #[command(subcommand)]
+        command: RecipientsCommand,
+    },
+    /// Mints a citizen token with the development identity key.
+    CitizenToken {
+        pinfl: String,
+        /// Validity in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgencyCommand {
+    Create {
+        /// Short stable code, e.g. tashkent-civil-court.
+        #[arg(long)]
+        code: String,
+        #[arg(long)]
+        name: String,
+    },
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Creates a key; it is shown once.
+    Create {
+        #[arg(long)]
+        agency: String,
+    },
+    /// Revokes a key by its prefix (dalil_xxxxxxxx).
+    Revoke { prefix: String },
+    List {
+        #[arg(long)]
+        agency: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecipientCommand {
+    Upsert(RecipientArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecipientsCommand {
+    /// Imports a CSV (header row) or JSON-lines file, all or nothing.
+    Import { file: PathBuf },
+}
+
+#[derive(Debug, Args)]
+pub struct RecipientArgs {
+    #[arg(long)]
+    pinfl: Option<String>,
+    #[arg(long)]
+    tin: Option<String>,
+    #[arg(long)]
+    name: Option<String>,
+    /// E.164, e.g. +998901234567.
+    #[arg(long)]
+    phone: Option<String>,
+    #[arg(long)]
+    email: Option<String>,
+    /// ISO 3166-2 region code, e.g. UZ-TK.
+    #[arg(long)]
+    region: Option<String>,
+    #[arg(long)]
+    district: Option<String>,
+    #[arg(long)]
+    street: Option<String>,
+    #[arg(long)]
+    house: Option<String>,
+    #[arg(long)]
+    apartment: Option<String>,
+    #[arg(long)]
+    postcode: Option<String>,
+    /// Whether the recipient consented to digital delivery.
+    #[arg(long)]
+    digital_consent: Option<bool>,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dalil: configuration: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let quiet = matches!(cli.command, Command::Admin { .. });
+    init_tracing(&settings, quiet);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli.command, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "dalil stopped");
+            eprintln!("dalil: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(settings: &Settings, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if quiet { "warn" } else { "info,sqlx=warn,lapin=warn,tower_http=info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if settings.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::All => {
+            tracing::info!(database = settings.database_url_redacted(), broker = settings.amqp_url_redacted(), "starting all roles");
+            db::migrate(&settings).await?;
+            app::declare_topology(&settings).await?;
+            let channels = settings.worker.channels.clone();
+            let app = App::build(settings).await?;
+            app.run_until_stopped(Roles { serve: true, relay: true, worker: true }, channels, app::shutdown_token()).await
+        }
+        Command::Serve => start(settings, Roles { serve: true, relay: false, worker: false }, vec![]).await,
+        Command::Relay => start(settings, Roles { serve: false, relay: true, worker: false }, vec![]).await,
+        Command::Worker { channels } => {
+            let channels = if channels.is_empty() { settings.worker.channels.clone() } else { channels };
+            start(settings, Roles { serve: false, relay: false, worker: true }, channels).await
+        }
+        Command::Migrate => {
+            db::migrate(&settings).await?;
+            println!("migrations applied to {}", settings.database_url_redacted());
+            Ok(())
+        }
+        Command::Topology => {
+            let t = app::declare_topology(&settings).await?;
+            println!("declared {} exchanges and {} queues on {}", t.exchanges.len(), t.queues.len(), settings.amqp_url_redacted());
+            Ok(())
+        }
+        Command::Admin { command, json } => {
+            let value = admin_command(command, &settings).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!("{}", human(&value));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn start(settings: Settings, roles: Roles, channels: Vec<String>) -> anyhow::Result<()> {
+    let app = App::build(settings).await?;
+    app.run_until_stopped(roles, channels, app::shutdown_token()).await
+}
+
+async fn admin_command(command: AdminCommand, settings: &Settings) -> anyhow::Result<Value> {
+    if let AdminCommand::CitizenToken { pinfl, ttl } = &command {
+        return admin::citizen_token(settings, pinfl, *ttl);
+    }
+    let pool = db::connect(settings).await?;
+    let value = match command {
+        AdminCommand::Agency { command: AgencyCommand::Create { code, name } } => admin::agency_create(&pool, &code, &name).await?,
+        AdminCommand::Agency { command: AgencyCommand::List } => admin::agency_list(&pool).await?,
+        AdminCommand::ApiKey { command: ApiKeyCommand::Create { agency } } => admin::api_key_create(&pool, &agency).await?,
+        AdminCommand::ApiKey { command: ApiKeyCommand::Revoke { prefix } } => admin::api_key_revoke(&pool, &prefix).await?,
+        AdminCommand::ApiKey { command: ApiKeyCommand::List { agency } } => admin::api_key_list(&pool, &agency).await?,
+        AdminCommand::Recipient { command: RecipientCommand::Upsert(a) } => {
+            let input = RecipientInput {
+                pinfl: a.pinfl,
+                tin: a.tin,
+                name: a.name,
+                phone: a.phone,
+                email: a.email,
+                region: a.region,
+                district: a.district,
+                street: a.street,
+                house: a.house,
+                apartment: a.apartment,
+                postcode: a.postcode,
+                digital_consent: a.digital_consent,
+            };
+            admin::recipient_upsert(&pool, &input).await?
+        }
+        AdminCommand::Recipients { command: RecipientsCommand::Import { file } } => {
+            let report = admin::recipients_import(&pool, &file).await?;
+            if report["errors"].as_array().is_some_and(|e| !e.is_empty()) {
+                let lines: Vec<String> = report["errors"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| format!("  line {}: {}", e["line"], e["error"].as_str().unwrap_or_default()))
+                    .collect();
+                anyhow::bail!("nothing imported; fix these rows and run again:\n{}", lines.join("\n"));
+            }
+            report
+        }
+        AdminCommand::CitizenToken { .. } => unreachable!("handled above"),
+    };
+    pool.close().await;
+    Ok(value)
+}
+
+/// `key: value` lines for people; the secret parts are the ones they came for.
+fn human(value: &Value) -> String {
+    match value {
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            }))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Value::Array(items) if items.is_empty() => "(none)".into(),
+        Value::Array(items) => items.iter().map(human).collect::<Vec<_>>().join("\n\n"),
+        other => other.to_string(),
+    }
+}

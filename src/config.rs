@@ -1,0 +1,206 @@
+//! Settings: `config/default.toml` (every key documented there), then `DALIL_*` variables.
+//!
+//! The defaults are compiled into the binary, so `dalil` runs from any directory; a file named
+//! by `DALIL_CONFIG` (or `config/default.toml` in the working directory) replaces them.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+const BUILT_IN: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub database_url: SecretString,
+    pub amqp_url: SecretString,
+    pub listen: String,
+    pub public_url: String,
+    pub queue_prefix: String,
+    pub templates_dir: PathBuf,
+    pub policies_file: PathBuf,
+    pub topology_file: PathBuf,
+    pub log_format: String,
+    pub database: DatabaseSettings,
+    pub api: ApiSettings,
+    pub relay: RelaySettings,
+    pub worker: WorkerSettings,
+    pub identity: IdentitySettings,
+    /// Not in the file: tests set it so that their queues disappear when unused.
+    #[serde(default)]
+    pub queue_expires_ms: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiSettings {
+    pub max_body_bytes: usize,
+    pub max_page_size: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RelaySettings {
+    pub batch_size: i64,
+    pub poll_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    pub prefetch: u16,
+    pub concurrency: usize,
+    pub channels: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IdentitySettings {
+    pub public_key_file: PathBuf,
+    pub issuer: String,
+    pub audience: String,
+    pub dev_keys: bool,
+    pub dev_private_key_file: PathBuf,
+}
+
+impl Settings {
+    /// Defaults (file or built-in), then the process environment.
+    pub fn load() -> anyhow::Result<Settings> {
+        let text = match std::env::var_os("DALIL_CONFIG") {
+            Some(path) => std::fs::read_to_string(&path)
+                .with_context(|| format!("reading DALIL_CONFIG={}", PathBuf::from(&path).display()))?,
+            None => std::fs::read_to_string("config/default.toml").unwrap_or_else(|_| BUILT_IN.into()),
+        };
+        Self::from_sources(&text, std::env::vars())
+    }
+
+    /// The built-in defaults with the given overrides: what tests use.
+    pub fn from_sources(
+        toml_text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Settings> {
+        let mut root: toml::Value = toml::from_str(toml_text).context("parsing configuration")?;
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("DALIL_") else { continue };
+            if rest == "CONFIG" {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            set_path(&mut root, &path, &value).with_context(|| format!("in {name}"))?;
+        }
+        let settings: Settings = root.try_into().context("configuration")?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.database_url.expose_secret().starts_with("postgres") {
+            bail!("database_url must be a postgres:// URL");
+        }
+        if !self.amqp_url.expose_secret().starts_with("amqp") {
+            bail!("amqp_url must be an amqp:// URL");
+        }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!("listen must be host:port with an IP address, got {:?}", self.listen);
+        }
+        if self.worker.concurrency == 0 || self.worker.prefetch == 0 {
+            bail!("worker.concurrency and worker.prefetch must be at least 1");
+        }
+        if !matches!(self.log_format.as_str(), "pretty" | "json") {
+            bail!("log_format must be \"pretty\" or \"json\"");
+        }
+        Ok(())
+    }
+
+    /// The database URL with its password hidden, for logs.
+    pub fn database_url_redacted(&self) -> String {
+        redact(self.database_url.expose_secret())
+    }
+
+    pub fn amqp_url_redacted(&self) -> String {
+        redact(self.amqp_url.expose_secret())
+    }
+}
+
+/// `scheme://user:secret@host` → `scheme://user:***@host`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return "***".into() };
+    match rest.split_once('@') {
+        Some((auth, host)) => match auth.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://{auth}@{host}"),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// Sets `path` in the document to `raw`, typed like the default it replaces. Unknown keys are
+/// an error, so a misspelt variable does not silently do nothing.
+fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> anyhow::Result<()> {
+    let mut node = root;
+    for (i, key) in path.iter().enumerate() {
+        let table = node.as_table_mut().context("not a section")?;
+        if i + 1 < path.len() {
+            node = table.get_mut(key).with_context(|| format!("unknown section {key:?}"))?;
+            continue;
+        }
+        let new = match table.get(key) {
+            Some(toml::Value::Integer(_)) => toml::Value::Integer(raw.parse().context("expected a whole number")?),
+            Some(toml::Value::Boolean(_)) => toml::Value::Boolean(raw.parse().context("expected true or false")?),
+            Some(toml::Value::Array(_)) => toml::Value::Array(
+                raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
+            ),
+            Some(toml::Value::String(_)) => toml::Value::String(raw.into()),
+            // Keys that have no default in the file but are known to the program.
+            None if key == "queue_expires_ms" => toml::Value::Integer(raw.parse().context("expected a whole number")?),
+            _ => bail!("unknown configuration key {key:?}"),
+        };
+        table.insert(key.clone(), new);
+        return Ok(());
+    }
+    bail!("empty variable name")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn environment_overrides_top_level_and_section_keys() {
+        let s = Settings::from_sources(
+            BUILT_IN,
+            env(&[
+                ("DALIL_DATABASE_URL", "postgres://u:pw@db:5432/x"),
+                ("DALIL_LISTEN", "0.0.0.0:9000"),
+                ("DALIL_WORKER__PREFETCH", "7"),
+                ("DALIL_WORKER__CHANNELS", "inbox, sms"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.listen, "0.0.0.0:9000");
+        assert_eq!(s.worker.prefetch, 7);
+        assert_eq!(s.worker.channels, vec!["inbox", "sms"]);
+        assert_eq!(s.database_url_redacted(), "postgres://u:***@db:5432/x");
+    }
+
+    #[test]
+    fn misspelt_or_mistyped_variables_are_refused() {
+        assert!(Settings::from_sources(BUILT_IN, env(&[("DALIL_LISTN", "x")])).is_err());
+        assert!(Settings::from_sources(BUILT_IN, env(&[("DALIL_WORKER__PREFETCH", "many")])).is_err());
+        assert!(Settings::from_sources(BUILT_IN, env(&[("DALIL_LISTEN", "nowhere")])).is_err());
+    }
+
+    #[test]
+    fn secrets_are_not_in_debug_output() {
+        let s = Settings::from_sources(BUILT_IN, env(&[("DALIL_AMQP_URL", "amqp://u:hunter2@h/%2f")])).unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,264 @@
+//! The evidence log: append-only records of every event in an item's life, named after
+//! ETSI EN 319 522, each kept as RFC 8785 canonical JSON with its SHA-256.
+//!
+//! Appends are serialised by one row (`evidence_log_head`): a transaction takes the next
+//! indexes with `UPDATE … RETURNING` and holds the row lock until it commits, so indexes are
+//! dense and follow commit order even with many writers. Callers append evidence as the last
+//! statement of their transaction to keep that lock short.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Event {
+    SubmissionAcceptance,
+    SubmissionRejection,
+    ContentConsignment,
+    ContentConsignmentFailure,
+    ConsignmentNotification,
+    ConsignmentNotificationFailure,
+    NotificationDelivered,
+    ContentAccessTracking,
+    ContentHandover,
+    /// The recipient acknowledged receipt in the portal (ETSI's acceptance by the recipient).
+    ConsignmentAcceptance,
+    ConsignmentRejection,
+    RelayToNonERDS,
+    RelayFailure,
+    Undeliverable,
+    DeemedDelivery,
+    Recall,
+}
+
+impl Event {
+    pub fn as_str(self) -> String {
+        // The serde name is the one in the records; keep one spelling.
+        serde_json::to_value(self).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+    }
+}
+
+/// Who caused the event.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", content = "id", rename_all = "lowercase")]
+pub enum Actor {
+    Agency(String),
+    Citizen(String),
+    Platform(String),
+}
+
+/// The item an event belongs to, as every record names it: sender, recipient and the policy
+/// that drives it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ItemContext {
+    pub item_id: Uuid,
+    pub agency_code: String,
+    pub recipient_scheme: String,
+    pub recipient_value: String,
+    pub policy_id: String,
+    pub policy_version: i32,
+}
+
+impl ItemContext {
+    pub async fn load(conn: &mut PgConnection, item_id: Uuid) -> sqlx::Result<ItemContext> {
+        sqlx::query_as(
+            "select i.id as item_id, a.code as agency_code,
+                    case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
+                    coalesce(r.pinfl, r.tin) as recipient_value,
+                    i.policy_id, i.policy_version
+             from item i join agency a on a.id = i.agency_id join recipient r on r.id = i.recipient_id
+             where i.id = $1",
+        )
+        .bind(item_id)
+        .fetch_one(conn)
+        .await
+    }
+}
+
+/// An event to record.
+#[derive(Debug, Clone)]
+pub struct NewEvidence {
+    pub event: Event,
+    pub at: DateTime<Utc>,
+    pub actor: Actor,
+    pub channel: Option<String>,
+    pub details: Value,
+    /// SHA-256 digests of the content the event is about, when it is about content.
+    pub digests: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct Record<'a> {
+    version: u32,
+    log_index: i64,
+    evidence_id: Uuid,
+    event: Event,
+    at: String,
+    item_id: Uuid,
+    sender: Value,
+    recipient: Value,
+    actor: &'a Actor,
+    channel: &'a Option<String>,
+    policy: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digests: &'a Option<Value>,
+    details: &'a Value,
+}
+
+/// One appended record, as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct Appended {
+    pub log_index: i64,
+    pub evidence_id: Uuid,
+    pub event: Event,
+    pub at: DateTime<Utc>,
+    pub sha256: String,
+}
+
+/// PostgreSQL keeps microseconds; records carry the same time as the row.
+pub fn now() -> DateTime<Utc> {
+    truncate(Utc::now())
+}
+
+pub fn truncate(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The canonical bytes of a JSON value (RFC 8785).
+pub fn canonical(value: &impl Serialize) -> Vec<u8> {
+    serde_json_canonicalizer::to_vec(value).expect("evidence records are plain JSON")
+}
+
+/// Appends records of one item; the caller owns the transaction.
+pub async fn append(
+    conn: &mut PgConnection,
+    item: &ItemContext,
+    events: Vec<NewEvidence>,
+) -> sqlx::Result<Vec<Appended>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = events.len() as i64;
+    let first: i64 = sqlx::query_scalar("update evidence_log_head set size = size + $1 returning size - $1")
+        .bind(n)
+        .fetch_one(&mut *conn)
+        .await?;
+
+    let mut indexes = Vec::with_capacity(events.len());
+    let mut ids = Vec::with_capacity(events.len());
+    let mut names = Vec::with_capacity(events.len());
+    let mut times = Vec::with_capacity(events.len());
+    let mut channels = Vec::with_capacity(events.len());
+    let mut bodies = Vec::with_capacity(events.len());
+    let mut hashes = Vec::with_capacity(events.len());
+    let mut appended = Vec::with_capacity(events.len());
+    for (i, e) in events.iter().enumerate() {
+        let log_index = first + i as i64;
+        let evidence_id = Uuid::now_v7();
+        let at = truncate(e.at);
+        let record = Record {
+            version: 1,
+            log_index,
+            evidence_id,
+            event: e.event,
+            at: format_time(at),
+            item_id: item.item_id,
+            sender: serde_json::json!({ "agency": item.agency_code }),
+            recipient: serde_json::json!({ item.recipient_scheme.clone(): item.recipient_value }),
+            actor: &e.actor,
+            channel: &e.channel,
+            policy: serde_json::json!({ "id": item.policy_id, "version": item.policy_version }),
+            digests: &e.digests,
+            details: &e.details,
+        };
+        let bytes = canonical(&record);
+        let hash = Sha256::digest(&bytes).to_vec();
+        appended.push(Appended { log_index, evidence_id, event: e.event, at, sha256: hex::encode(&hash) });
+        indexes.push(log_index);
+        ids.push(evidence_id);
+        names.push(e.event.as_str());
+        times.push(at);
+        channels.push(e.channel.clone());
+        bodies.push(bytes);
+        hashes.push(hash);
+    }
+    sqlx::query(
+        "insert into evidence (log_index, evidence_id, item_id, event, at, channel, canonical, sha256)
+         select l, e, $3, n, t, c, b, h
+         from unnest($1::bigint[], $2::uuid[], $4::text[], $5::timestamptz[], $6::text[], $7::bytea[], $8::bytea[])
+              as x(l, e, n, t, c, b, h)",
+    )
+    .bind(&indexes)
+    .bind(&ids)
+    .bind(item.item_id)
+    .bind(&names)
+    .bind(&times)
+    .bind(&channels)
+    .bind(&bodies)
+    .bind(&hashes)
+    .execute(&mut *conn)
+    .await?;
+    Ok(appended)
+}
+
+/// A stored record, for the API.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct StoredEvidence {
+    pub log_index: i64,
+    pub event: String,
+    pub at: DateTime<Utc>,
+    pub channel: Option<String>,
+    /// SHA-256 of `record`'s canonical bytes, hex.
+    pub sha256: String,
+    /// The record exactly as hashed (RFC 8785 canonical JSON).
+    #[schema(value_type = Object)]
+    pub record: Value,
+}
+
+pub async fn for_item(conn: &mut PgConnection, item_id: Uuid) -> sqlx::Result<Vec<StoredEvidence>> {
+    let rows: Vec<(i64, String, DateTime<Utc>, Option<String>, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "select log_index, event, at, channel, canonical, sha256 from evidence where item_id = $1 order by log_index",
+    )
+    .bind(item_id)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(log_index, event, at, channel, canonical, sha256)| StoredEvidence {
+            log_index,
+            event,
+            at,
+            channel,
+            sha256: hex::encode(sha256),
+            record: serde_json::from_slice(&canonical).unwrap_or(Value::Null),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_sorts_keys_and_drops_whitespace() {
+        let v = serde_json::json!({ "b": 1, "a": [true, null, "oʻ"], "c": { "z": 1.5e3, "y": "x" } });
+        assert_eq!(String::from_utf8(canonical(&v)).unwrap(), r#"{"a":[true,null,"oʻ"],"b":1,"c":{"y":"x","z":1500}}"#);
+    }
+
+    #[test]
+    fn event_names_are_the_etsi_ones() {
+        assert_eq!(Event::RelayToNonERDS.as_str(), "RelayToNonERDS");
+        assert_eq!(Event::ContentConsignment.as_str(), "ContentConsignment");
+    }
+}

@@ -1,0 +1,159 @@
+//! The transactional outbox and its relay.
+//!
+//! Whatever must be published is written as an outbox row in the same transaction as the
+//! change that calls for it. The relay claims rows with `FOR UPDATE SKIP LOCKED` (so several
+//! relays share the work), publishes them with publisher confirms, and marks them published
+//! only once RabbitMQ confirmed every one — in the same transaction that holds the claim. A
+//! relay that dies mid-batch leaves its rows unmarked; they are published again and the
+//! consumers, idempotent by attempt id, absorb the duplicate.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel};
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::Settings;
+use crate::queue::{self, Envelope, Topology};
+
+pub const NOTIFY_CHANNEL: &str = "dalil_outbox";
+
+/// Queues a message for the relay; the caller owns the transaction.
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    exchange: &str,
+    routing_key: &str,
+    message_id: Uuid,
+    envelope: &Envelope,
+) -> sqlx::Result<()> {
+    sqlx::query("insert into outbox (exchange, routing_key, message_id, payload) values ($1, $2, $3, $4)")
+        .bind(exchange)
+        .bind(routing_key)
+        .bind(message_id)
+        .bind(sqlx::types::Json(envelope))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Runs the relay until cancelled, reconnecting to RabbitMQ (with backoff) whenever the
+/// connection is lost.
+pub async fn run(pool: PgPool, settings: Settings, topology: Topology, cancel: CancellationToken) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match run_connected(&pool, &settings, &topology, &cancel).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "relay: connection lost, reconnecting in {backoff:?}");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn run_connected(
+    pool: &PgPool,
+    settings: &Settings,
+    topology: &Topology,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let conn = queue::connect(settings.amqp_url.expose_secret(), "dalil-relay").await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut listener = PgListener::connect_with(pool).await.context("LISTEN connection")?;
+    listener.listen(NOTIFY_CHANNEL).await?;
+    let poll = Duration::from_millis(settings.relay.poll_interval_ms);
+    tracing::info!("relay: publishing outbox rows");
+    loop {
+        if cancel.is_cancelled() {
+            let _ = conn.close(200, ShortString::from("shutdown")).await;
+            return Ok(());
+        }
+        let (claimed, published) = publish_batch(pool, &ch, topology, settings.relay.batch_size).await?;
+        if claimed > 0 && published == claimed && claimed == settings.relay.batch_size as usize {
+            continue; // a full batch: more may be waiting
+        }
+        if published < claimed {
+            // Refused or unroutable rows stay unpublished; do not spin on them.
+            tokio::time::sleep(poll).await;
+        }
+        if claimed > 0 {
+            continue;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            n = listener.recv() => {
+                if let Err(e) = n {
+                    // NOTIFY only wakes us; polling below keeps us correct meanwhile.
+                    tracing::warn!(error = %e, "relay: LISTEN connection lost");
+                    tokio::time::sleep(poll).await;
+                }
+            }
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+/// Claims, publishes and marks one batch. Returns (claimed, published).
+pub async fn publish_batch(pool: &PgPool, ch: &Channel, topology: &Topology, limit: i64) -> anyhow::Result<(usize, usize)> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(i64, String, String, Uuid, Value)> = sqlx::query_as(
+        "select id, exchange, routing_key, message_id, payload from outbox
+         where published_at is null order by id limit $1 for update skip locked",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok((0, 0));
+    }
+    // Publish the whole batch, then wait for the confirms: a window in flight, never one
+    // awaited at a time.
+    let mut pending = Vec::with_capacity(rows.len());
+    for (id, exchange, routing_key, message_id, payload) in &rows {
+        let body = serde_json::to_vec(payload)?;
+        let kind = payload.get("type").and_then(Value::as_str).unwrap_or("unknown");
+        let props = BasicProperties::default()
+            .with_message_id(ShortString::from(message_id.to_string()))
+            .with_content_type(ShortString::from("application/json"))
+            .with_type(ShortString::from(kind))
+            .with_delivery_mode(2);
+        let confirm = ch
+            .basic_publish(
+                ShortString::from(topology.name(exchange)),
+                ShortString::from(routing_key.as_str()),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                &body,
+                props,
+            )
+            .await?;
+        pending.push((*id, confirm));
+    }
+    let mut published = Vec::with_capacity(pending.len());
+    for (id, confirm) in pending {
+        let confirmation = confirm.await?;
+        if confirmation.is_ack() && confirmation.take_message().is_none() {
+            published.push(id);
+        } else {
+            tracing::warn!(outbox_id = id, "relay: RabbitMQ refused or could not route a message; it stays in the outbox");
+        }
+    }
+    sqlx::query("update outbox set published_at = now() where id = any($1)")
+        .bind(&published)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::debug!(claimed = rows.len(), published = published.len(), "relay: batch");
+    Ok((rows.len(), published.len()))
+}
