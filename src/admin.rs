@@ -17,7 +17,11 @@ use crate::identity;
 
 pub async fn agency_create(pool: &PgPool, code: &str, name: &str) -> anyhow::Result<Value> {
     let code = code.trim().to_ascii_lowercase();
-    if code.len() < 2 || code.len() > 63 || !code.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') || code.starts_with('-') {
+    if code.len() < 2
+        || code.len() > 63
+        || !code.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        || code.starts_with('-')
+    {
         bail!("--code: 2 to 63 letters, digits or dashes, e.g. tashkent-civil-court");
     }
     let name = name.trim();
@@ -38,7 +42,8 @@ pub async fn agency_create(pool: &PgPool, code: &str, name: &str) -> anyhow::Res
 }
 
 pub async fn agency_list(pool: &PgPool) -> anyhow::Result<Value> {
-    let rows: Vec<(Uuid, String, String)> = sqlx::query_as("select id, code, name from agency order by code").fetch_all(pool).await?;
+    let rows: Vec<(Uuid, String, String)> =
+        sqlx::query_as("select id, code, name from agency order by code").fetch_all(pool).await?;
     Ok(Value::Array(rows.into_iter().map(|(id, code, name)| json!({ "id": id, "code": code, "name": name })).collect()))
 }
 
@@ -80,7 +85,9 @@ pub async fn api_key_list(pool: &PgPool, agency_code: &str) -> anyhow::Result<Va
     .fetch_all(pool)
     .await?;
     Ok(Value::Array(
-        rows.into_iter().map(|(prefix, created, revoked)| json!({ "prefix": prefix, "created_at": created, "revoked_at": revoked })).collect(),
+        rows.into_iter()
+            .map(|(prefix, created, revoked)| json!({ "prefix": prefix, "created_at": created, "revoked_at": revoked }))
+            .collect(),
     ))
 }
 
@@ -118,7 +125,13 @@ fn blank(v: &Option<String>) -> Option<&str> {
 }
 
 pub fn validate_recipient(input: &RecipientInput) -> Result<ValidRecipient, FieldError> {
-    let id = RecipientId::from_parts(blank(&input.pinfl), blank(&input.tin)).map_err(|e| if e.field.is_empty() { FieldError::new("pinfl", e.message) } else { e })?;
+    let id = RecipientId::from_parts(blank(&input.pinfl), blank(&input.tin)).map_err(|e| {
+        if e.field.is_empty() {
+            FieldError::new("pinfl", e.message)
+        } else {
+            e
+        }
+    })?;
     let name = blank(&input.name).map(str::to_string);
     if name.as_ref().is_some_and(|n| n.chars().count() > 300) {
         return Err(FieldError::new("name", "at most 300 characters"));
@@ -148,10 +161,11 @@ pub fn validate_recipient(input: &RecipientInput) -> Result<ValidRecipient, Fiel
 
 async fn upsert(conn: &mut sqlx::PgConnection, r: &ValidRecipient) -> anyhow::Result<(Uuid, bool)> {
     let column = r.id.scheme();
-    let existing: Option<Uuid> = sqlx::query_scalar(&format!("select id from recipient where {column} = $1 for update"))
-        .bind(r.id.value())
-        .fetch_optional(&mut *conn)
-        .await?;
+    let existing: Option<Uuid> =
+        sqlx::query_scalar(&format!("select id from recipient where {column} = $1 for update"))
+            .bind(r.id.value())
+            .fetch_optional(&mut *conn)
+            .await?;
     let address = r.address.as_ref().map(sqlx::types::Json);
     match existing {
         Some(id) => {
@@ -191,7 +205,8 @@ async fn upsert(conn: &mut sqlx::PgConnection, r: &ValidRecipient) -> anyhow::Re
 }
 
 pub async fn recipient_upsert(pool: &PgPool, input: &RecipientInput) -> anyhow::Result<Value> {
-    let valid = validate_recipient(input).map_err(|e| anyhow::anyhow!("--{}: {}", e.field.replace("address.", "").replace('_', "-"), e.message))?;
+    let valid = validate_recipient(input)
+        .map_err(|e| anyhow::anyhow!("--{}: {}", e.field.replace("address.", "").replace('_', "-"), e.message))?;
     let mut tx = pool.begin().await?;
     let (id, created) = upsert(&mut tx, &valid).await?;
     tx.commit().await?;

@@ -60,7 +60,8 @@ impl App {
         let templates = Templates::load(&settings.templates_dir)?;
         let policies = Policies::load(&settings.policies_file)?;
         let identity = Verifier::load(&settings.identity)?;
-        let listener = TcpListener::bind(&settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
+        let listener =
+            TcpListener::bind(&settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
         let state = AppState {
             pool: pool.clone(),
             settings: Arc::new(settings.clone()),
@@ -78,15 +79,24 @@ impl App {
 
     /// Runs the chosen roles until `cancel` fires, then drains: the HTTP server finishes the
     /// requests it has, workers settle their deliveries, the relay finishes its batch.
-    pub async fn run_until_stopped(self, roles: Roles, worker_channels: Vec<String>, cancel: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        roles: Roles,
+        worker_channels: Vec<String>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
         if roles.relay {
-            let (pool, settings, topology, cancel) = (self.pool.clone(), self.settings.clone(), self.topology.clone(), cancel.clone());
+            let (pool, settings, topology, cancel) =
+                (self.pool.clone(), self.settings.clone(), self.topology.clone(), cancel.clone());
             tasks.spawn(async move { outbox::run(pool, settings, topology, cancel).await.context("relay") });
         }
         if roles.worker {
-            let (pool, settings, topology, cancel) = (self.pool.clone(), self.settings.clone(), self.topology.clone(), cancel.clone());
-            tasks.spawn(async move { worker::run(pool, settings, topology, worker_channels, cancel).await.context("worker") });
+            let (pool, settings, topology, cancel) =
+                (self.pool.clone(), self.settings.clone(), self.topology.clone(), cancel.clone());
+            tasks.spawn(async move {
+                worker::run(pool, settings, topology, worker_channels, cancel).await.context("worker")
+            });
         }
         if roles.serve {
             let app = api::router(self.state.clone());
@@ -125,7 +135,8 @@ pub fn shutdown_token() -> CancellationToken {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
             tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
         }
         #[cfg(not(unix))]

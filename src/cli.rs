@@ -18,6 +18,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Migrate, declare the topology, then serve, relay and deliver in one process.
@@ -46,6 +48,7 @@ pub enum Command {
     },
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
     /// Agencies that send correspondence.
@@ -161,7 +164,9 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli.command, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "dalil stopped");
+            if !quiet {
+                tracing::error!(error = format!("{e:#}"), "dalil stopped");
+            }
             eprintln!("dalil: {e:#}");
             ExitCode::FAILURE
         }
@@ -183,12 +188,17 @@ fn init_tracing(settings: &Settings, quiet: bool) {
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::All => {
-            tracing::info!(database = settings.database_url_redacted(), broker = settings.amqp_url_redacted(), "starting all roles");
+            tracing::info!(
+                database = settings.database_url_redacted(),
+                broker = settings.amqp_url_redacted(),
+                "starting all roles"
+            );
             db::migrate(&settings).await?;
             app::declare_topology(&settings).await?;
             let channels = settings.worker.channels.clone();
             let app = App::build(settings).await?;
-            app.run_until_stopped(Roles { serve: true, relay: true, worker: true }, channels, app::shutdown_token()).await
+            app.run_until_stopped(Roles { serve: true, relay: true, worker: true }, channels, app::shutdown_token())
+                .await
         }
         Command::Serve => start(settings, Roles { serve: true, relay: false, worker: false }, vec![]).await,
         Command::Relay => start(settings, Roles { serve: false, relay: true, worker: false }, vec![]).await,
@@ -203,7 +213,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Topology => {
             let t = app::declare_topology(&settings).await?;
-            println!("declared {} exchanges and {} queues on {}", t.exchanges.len(), t.queues.len(), settings.amqp_url_redacted());
+            println!(
+                "declared {} exchanges and {} queues on {}",
+                t.exchanges.len(),
+                t.queues.len(),
+                settings.amqp_url_redacted()
+            );
             Ok(())
         }
         Command::Admin { command, json } => {
@@ -229,10 +244,16 @@ async fn admin_command(command: AdminCommand, settings: &Settings) -> anyhow::Re
     }
     let pool = db::connect(settings).await?;
     let value = match command {
-        AdminCommand::Agency { command: AgencyCommand::Create { code, name } } => admin::agency_create(&pool, &code, &name).await?,
+        AdminCommand::Agency { command: AgencyCommand::Create { code, name } } => {
+            admin::agency_create(&pool, &code, &name).await?
+        }
         AdminCommand::Agency { command: AgencyCommand::List } => admin::agency_list(&pool).await?,
-        AdminCommand::ApiKey { command: ApiKeyCommand::Create { agency } } => admin::api_key_create(&pool, &agency).await?,
-        AdminCommand::ApiKey { command: ApiKeyCommand::Revoke { prefix } } => admin::api_key_revoke(&pool, &prefix).await?,
+        AdminCommand::ApiKey { command: ApiKeyCommand::Create { agency } } => {
+            admin::api_key_create(&pool, &agency).await?
+        }
+        AdminCommand::ApiKey { command: ApiKeyCommand::Revoke { prefix } } => {
+            admin::api_key_revoke(&pool, &prefix).await?
+        }
         AdminCommand::ApiKey { command: ApiKeyCommand::List { agency } } => admin::api_key_list(&pool, &agency).await?,
         AdminCommand::Recipient { command: RecipientCommand::Upsert(a) } => {
             let input = RecipientInput {
@@ -275,10 +296,15 @@ fn human(value: &Value) -> String {
     match value {
         Value::Object(map) => map
             .iter()
-            .map(|(k, v)| format!("{k}: {}", match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            }))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: {}",
+                    match v {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    }
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n"),
         Value::Array(items) if items.is_empty() => "(none)".into(),

@@ -78,10 +78,7 @@ impl Settings {
     }
 
     /// The built-in defaults with the given overrides: what tests use.
-    pub fn from_sources(
-        toml_text: &str,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> anyhow::Result<Settings> {
+    pub fn from_sources(toml_text: &str, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Settings> {
         let mut root: toml::Value = toml::from_str(toml_text).context("parsing configuration")?;
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("DALIL_") else { continue };
@@ -151,7 +148,11 @@ fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> anyhow::Resul
             Some(toml::Value::Integer(_)) => toml::Value::Integer(raw.parse().context("expected a whole number")?),
             Some(toml::Value::Boolean(_)) => toml::Value::Boolean(raw.parse().context("expected true or false")?),
             Some(toml::Value::Array(_)) => toml::Value::Array(
-                raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.into()))
+                    .collect(),
             ),
             Some(toml::Value::String(_)) => toml::Value::String(raw.into()),
             // Keys that have no default in the file but are known to the program.

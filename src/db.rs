@@ -12,11 +12,8 @@ use crate::config::Settings;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
-    let options: PgConnectOptions = settings
-        .database_url
-        .expose_secret()
-        .parse()
-        .context("database_url is not a valid PostgreSQL URL")?;
+    let options: PgConnectOptions =
+        settings.database_url.expose_secret().parse().context("database_url is not a valid PostgreSQL URL")?;
     PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .acquire_timeout(Duration::from_millis(settings.database.acquire_timeout_ms))

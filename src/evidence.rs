@@ -226,8 +226,18 @@ pub struct StoredEvidence {
     pub record: Value,
 }
 
+#[derive(sqlx::FromRow)]
+struct EvidenceRow {
+    log_index: i64,
+    event: String,
+    at: DateTime<Utc>,
+    channel: Option<String>,
+    canonical: Vec<u8>,
+    sha256: Vec<u8>,
+}
+
 pub async fn for_item(conn: &mut PgConnection, item_id: Uuid) -> sqlx::Result<Vec<StoredEvidence>> {
-    let rows: Vec<(i64, String, DateTime<Utc>, Option<String>, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+    let rows: Vec<EvidenceRow> = sqlx::query_as(
         "select log_index, event, at, channel, canonical, sha256 from evidence where item_id = $1 order by log_index",
     )
     .bind(item_id)
@@ -235,13 +245,13 @@ pub async fn for_item(conn: &mut PgConnection, item_id: Uuid) -> sqlx::Result<Ve
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(log_index, event, at, channel, canonical, sha256)| StoredEvidence {
-            log_index,
-            event,
-            at,
-            channel,
-            sha256: hex::encode(sha256),
-            record: serde_json::from_slice(&canonical).unwrap_or(Value::Null),
+        .map(|r| StoredEvidence {
+            log_index: r.log_index,
+            event: r.event,
+            at: r.at,
+            channel: r.channel,
+            sha256: hex::encode(r.sha256),
+            record: serde_json::from_slice(&r.canonical).unwrap_or(Value::Null),
         })
         .collect())
 }

@@ -53,7 +53,8 @@ impl Verifier {
         let pem = std::fs::read_to_string(&settings.public_key_file).with_context(|| {
             format!("reading the identity provider's public key {}", settings.public_key_file.display())
         })?;
-        let key = VerifyingKey::from_public_key_pem(&pem).context("the identity key is not an Ed25519 public key PEM")?;
+        let key =
+            VerifyingKey::from_public_key_pem(&pem).context("the identity key is not an Ed25519 public key PEM")?;
         Ok(Verifier { key, issuer: settings.issuer.clone(), audience: settings.audience.clone() })
     }
 

@@ -45,7 +45,12 @@ pub async fn enqueue(
 
 /// Runs the relay until cancelled, reconnecting to RabbitMQ (with backoff) whenever the
 /// connection is lost.
-pub async fn run(pool: PgPool, settings: Settings, topology: Topology, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    pool: PgPool,
+    settings: Settings,
+    topology: Topology,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
     loop {
         match run_connected(&pool, &settings, &topology, &cancel).await {
@@ -106,7 +111,12 @@ async fn run_connected(
 }
 
 /// Claims, publishes and marks one batch. Returns (claimed, published).
-pub async fn publish_batch(pool: &PgPool, ch: &Channel, topology: &Topology, limit: i64) -> anyhow::Result<(usize, usize)> {
+pub async fn publish_batch(
+    pool: &PgPool,
+    ch: &Channel,
+    topology: &Topology,
+    limit: i64,
+) -> anyhow::Result<(usize, usize)> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(i64, String, String, Uuid, Value)> = sqlx::query_as(
         "select id, exchange, routing_key, message_id, payload from outbox
@@ -146,13 +156,13 @@ pub async fn publish_batch(pool: &PgPool, ch: &Channel, topology: &Topology, lim
         if confirmation.is_ack() && confirmation.take_message().is_none() {
             published.push(id);
         } else {
-            tracing::warn!(outbox_id = id, "relay: RabbitMQ refused or could not route a message; it stays in the outbox");
+            tracing::warn!(
+                outbox_id = id,
+                "relay: RabbitMQ refused or could not route a message; it stays in the outbox"
+            );
         }
     }
-    sqlx::query("update outbox set published_at = now() where id = any($1)")
-        .bind(&published)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query("update outbox set published_at = now() where id = any($1)").bind(&published).execute(&mut *tx).await?;
     tx.commit().await?;
     tracing::debug!(claimed = rows.len(), published = published.len(), "relay: batch");
     Ok((rows.len(), published.len()))

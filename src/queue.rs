@@ -140,7 +140,9 @@ impl Topology {
                 self.queue_arguments(q),
             )
             .await
-            .with_context(|| format!("declaring queue {name} (if it exists with other arguments, delete it or migrate it)"))?;
+            .with_context(|| {
+                format!("declaring queue {name} (if it exists with other arguments, delete it or migrate it)")
+            })?;
             for b in &q.bindings {
                 let mut args = FieldTable::default();
                 if !b.headers.is_empty() {

@@ -186,10 +186,8 @@ impl Templates {
             .into());
         }
 
-        let mut vars: HashMap<String, minijinja::Value> = personalisation
-            .iter()
-            .map(|(k, v)| (k.clone(), minijinja::Value::from_serialize(v)))
-            .collect();
+        let mut vars: HashMap<String, minijinja::Value> =
+            personalisation.iter().map(|(k, v)| (k.clone(), minijinja::Value::from_serialize(v))).collect();
         vars.insert("agency".into(), minijinja::Value::from_serialize(&ctx.agency));
         vars.insert("recipient".into(), minijinja::Value::from_serialize(&ctx.recipient));
         vars.insert("item".into(), minijinja::Value::from_serialize(&ctx.item));

@@ -11,13 +11,16 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel as AmqpChannel};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::channels::{self, Channel, ChannelError, Job};
@@ -46,7 +49,10 @@ pub async fn process(pool: &PgPool, channel: &dyn Channel, body: &[u8]) -> Outco
     };
     let Envelope::Deliver { attempt_id, trace_id, .. } = envelope;
     let span = tracing::info_span!("deliver", %attempt_id, %trace_id, channel = channel.name());
-    let _enter = span.enter();
+    async move { process_logged(pool, channel, attempt_id).await }.instrument(span).await
+}
+
+async fn process_logged(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid) -> Outcome {
     match process_attempt(pool, channel, attempt_id).await {
         Ok(outcome) => outcome,
         Err(ChannelError::Transient(why)) => Outcome::Retry(why),
@@ -101,10 +107,12 @@ async fn process_attempt(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid)
         .await?;
     if fresh {
         if sent.event == Event::ContentConsignment {
-            sqlx::query("update item set status = 'consigned', updated_at = now() where id = $1 and status = 'accepted'")
-                .bind(job.item.item_id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "update item set status = 'consigned', updated_at = now() where id = $1 and status = 'accepted'",
+            )
+            .bind(job.item.item_id)
+            .execute(&mut *tx)
+            .await?;
         }
         let mut details = sent.details.clone();
         details["attempt_id"] = serde_json::json!(attempt_id);
@@ -133,12 +141,17 @@ async fn record_failure(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid, 
     if status != "queued" {
         return Ok(());
     }
-    sqlx::query("update attempt set status = 'failed', tries = tries + 1, detail = $2, finished_at = now() where id = $1")
-        .bind(attempt_id)
-        .bind(why)
+    sqlx::query(
+        "update attempt set status = 'failed', tries = tries + 1, detail = $2, finished_at = now() where id = $1",
+    )
+    .bind(attempt_id)
+    .bind(why)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("update step set status = 'failed', updated_at = now() where id = $1")
+        .bind(job.step_id)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("update step set status = 'failed', updated_at = now() where id = $1").bind(job.step_id).execute(&mut *tx).await?;
     sqlx::query("update item set status = 'failed', updated_at = now() where id = $1 and status = 'accepted'")
         .bind(job.item.item_id)
         .execute(&mut *tx)
@@ -175,8 +188,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for name in channel_names {
-        let channel: Arc<dyn Channel> = Arc::from(channels::by_name(&name).with_context(|| format!("unknown channel {name:?}"))?);
-        let queue = topology.channel_queue(&name).with_context(|| format!("no queue for channel {name} in the topology"))?;
+        let channel: Arc<dyn Channel> =
+            Arc::from(channels::by_name(&name).with_context(|| format!("unknown channel {name:?}"))?);
+        let queue =
+            topology.channel_queue(&name).with_context(|| format!("no queue for channel {name} in the topology"))?;
         let (pool, settings, topology, cancel) = (pool.clone(), settings.clone(), topology.clone(), cancel.clone());
         tasks.push(tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
@@ -184,7 +199,11 @@ pub async fn run(
                 match consume(&pool, &settings, &topology, &queue, channel.clone(), &cancel).await {
                     Ok(()) => return,
                     Err(e) => {
-                        tracing::warn!(queue, error = format!("{e:#}"), "worker: connection lost, reconnecting in {backoff:?}");
+                        tracing::warn!(
+                            queue,
+                            error = format!("{e:#}"),
+                            "worker: connection lost, reconnecting in {backoff:?}"
+                        );
                         tokio::select! {
                             _ = cancel.cancelled() => return,
                             _ = tokio::time::sleep(backoff) => {}
@@ -274,7 +293,8 @@ async fn settle(
             };
             tracing::warn!(why, retries, delay_ms = delay, "worker: will retry");
             let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-            headers.insert(ShortString::from(RETRY_HEADER), AMQPValue::LongString(LongString::from(queue_name.as_str())));
+            headers
+                .insert(ShortString::from(RETRY_HEADER), AMQPValue::LongString(LongString::from(queue_name.as_str())));
             headers.insert(ShortString::from(RETRIES_HEADER), AMQPValue::LongLongInt(retries as i64 + 1));
             let props: BasicProperties = delivery.properties.clone().with_headers(headers);
             let confirm = amqp

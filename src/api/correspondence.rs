@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
@@ -119,12 +119,19 @@ fn prepare(req: SubmitRequest) -> Result<Prepared, ApiError> {
     for (i, a) in req.attachments.into_iter().enumerate() {
         let field = |f: &str| format!("attachments[{i}].{f}");
         let name = a.name.trim().to_string();
-        if name.is_empty() || name.chars().count() > 200 || name.contains(['/', '\\']) || name.chars().any(char::is_control) {
+        if name.is_empty()
+            || name.chars().count() > 200
+            || name.contains(['/', '\\'])
+            || name.chars().any(char::is_control)
+        {
             return Err(ApiError::invalid(field("name"), "a file name of 1 to 200 characters, without / or \\"));
         }
         let ct = a.content_type.trim().to_ascii_lowercase();
         let valid_ct = ct.split_once('/').is_some_and(|(t, s)| {
-            !t.is_empty() && !s.is_empty() && ct.len() <= 100 && ct.chars().all(|c| c.is_ascii_alphanumeric() || "/.+-".contains(c))
+            !t.is_empty()
+                && !s.is_empty()
+                && ct.len() <= 100
+                && ct.chars().all(|c| c.is_ascii_alphanumeric() || "/.+-".contains(c))
         });
         if !valid_ct {
             return Err(ApiError::invalid(field("content_type"), "a media type such as application/pdf"));
@@ -160,15 +167,26 @@ fn prepare(req: SubmitRequest) -> Result<Prepared, ApiError> {
     })
 }
 
-fn idempotency_key(headers: &HeaderMap) -> ApiResult<String> {
-    let value = headers
-        .get("idempotency-key")
-        .ok_or_else(|| ApiError::bad_request("Idempotency-Key", "the Idempotency-Key header is required: a unique value per item, reused on retries"))?;
-    let key = value.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key", "must be visible ASCII"))?.trim();
-    if key.is_empty() || key.len() > 200 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::bad_request("Idempotency-Key", "1 to 200 visible ASCII characters"));
+/// The agency's `Idempotency-Key` header, checked before the body is read.
+pub struct IdempotencyKey(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let field = "Idempotency-Key";
+        let value = parts.headers.get("idempotency-key").ok_or_else(|| {
+            ApiError::bad_request(
+                field,
+                "the Idempotency-Key header is required: a unique value per item, reused on retries",
+            )
+        })?;
+        let key = value.to_str().map_err(|_| ApiError::bad_request(field, "must be visible ASCII"))?.trim();
+        if key.is_empty() || key.len() > 200 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ApiError::bad_request(field, "1 to 200 visible ASCII characters"));
+        }
+        Ok(IdempotencyKey(key.to_string()))
     }
-    Ok(key.to_string())
 }
 
 #[utoipa::path(post, path = "/v1/correspondence", tag = "agency",
@@ -185,10 +203,9 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<String> {
 pub async fn submit(
     State(state): State<AppState>,
     agency: Agency,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     body: JsonBody<SubmitRequest>,
 ) -> ApiResult<Response> {
-    let key = idempotency_key(&headers)?;
     let request_sha256 = evidence::sha256_hex(&evidence::canonical(&body.raw));
 
     // A retry of a finished request needs no validation: answer as the first time.
@@ -210,18 +227,19 @@ pub async fn submit(
     if claimed == 0 {
         // A concurrent request with the same key committed first (we waited on its row lock).
         drop(tx);
-        return replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256)
-            .await?
-            .ok_or_else(|| ApiError::Conflict { field: Some("Idempotency-Key".into()), detail: "a request with this key is in progress".into() });
+        return replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256).await?.ok_or_else(|| {
+            ApiError::Conflict {
+                field: Some("Idempotency-Key".into()),
+                detail: "a request with this key is in progress".into(),
+            }
+        });
     }
 
-    let recipient: Option<(Uuid, String)> = sqlx::query_as(&format!(
-        "select id, name from recipient where {} = $1",
-        p.recipient.scheme()
-    ))
-    .bind(p.recipient.value())
-    .fetch_optional(&mut *tx)
-    .await?;
+    let recipient: Option<(Uuid, String)> =
+        sqlx::query_as(&format!("select id, name from recipient where {} = $1", p.recipient.scheme()))
+            .bind(p.recipient.value())
+            .fetch_optional(&mut *tx)
+            .await?;
     let Some((recipient_id, recipient_name)) = recipient else {
         return Err(ApiError::invalid(
             format!("recipient.{}", p.recipient.scheme()),
@@ -242,10 +260,8 @@ pub async fn submit(
             respond_by: p.respond_by.map(templates::local_time),
         },
     };
-    let rendered = state
-        .templates
-        .render(&p.template, p.language, p.kind, &p.personalisation, &ctx)
-        .map_err(|e| match e {
+    let rendered =
+        state.templates.render(&p.template, p.language, p.kind, &p.personalisation, &ctx).map_err(|e| match e {
             RenderError::Input(f) => ApiError::Invalid(f),
             RenderError::Template(file, why) => ApiError::Internal(anyhow::anyhow!("template {file}: {why}")),
         })?;
@@ -363,7 +379,12 @@ pub async fn submit(
 
 /// The answer to a request whose key was seen: the first answer for the same body, a conflict
 /// for another body, `None` for a new key.
-async fn replay(conn: &mut PgConnection, agency_id: Uuid, key: &str, request_sha256: &str) -> ApiResult<Option<Response>> {
+async fn replay(
+    conn: &mut PgConnection,
+    agency_id: Uuid,
+    key: &str,
+    request_sha256: &str,
+) -> ApiResult<Option<Response>> {
     let row: Option<(String, Option<Uuid>)> =
         sqlx::query_as("select request_sha256, item_id from idempotency where agency_id = $1 and key = $2")
             .bind(agency_id)
@@ -378,10 +399,8 @@ async fn replay(conn: &mut PgConnection, agency_id: Uuid, key: &str, request_sha
         });
     }
     let Some(item_id) = item_id else { return Ok(None) };
-    let (status, reference): (String, String) = sqlx::query_as("select status, reference from item where id = $1")
-        .bind(item_id)
-        .fetch_one(&mut *conn)
-        .await?;
+    let (status, reference): (String, String) =
+        sqlx::query_as("select status, reference from item where id = $1").bind(item_id).fetch_one(&mut *conn).await?;
     let evidence = evidence::for_item(conn, item_id)
         .await?
         .into_iter()
@@ -404,9 +423,11 @@ pub struct Served {
     pub evidence: Option<i64>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
 pub struct AttemptView {
     pub id: Uuid,
+    #[serde(skip)]
+    pub step_id: Uuid,
     pub status: String,
     pub tries: i32,
     pub detail: Option<String>,
@@ -476,7 +497,11 @@ struct ItemRow {
     params(("id" = Uuid, Path, description = "Item id")),
     responses((status = 200, body = ItemView), (status = 404, description = "No such item of this agency", body = super::error::Problem)),
     security(("agency_key" = [])))]
-pub async fn get_one(State(state): State<AppState>, agency: Agency, Path(id): Path<String>) -> ApiResult<Json<ItemView>> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    agency: Agency,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ItemView>> {
     // Another agency's item and a missing one look the same: 404.
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     let mut conn = state.pool.acquire().await?;
@@ -497,7 +522,7 @@ pub async fn get_one(State(state): State<AppState>, agency: Agency, Path(id): Pa
             .bind(id)
             .fetch_all(&mut *conn)
             .await?;
-    let attempts: Vec<(Uuid, Uuid, String, i32, Option<String>, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
+    let attempts: Vec<AttemptView> = sqlx::query_as(
         "select id, step_id, status, tries, detail, created_at, finished_at from attempt where item_id = $1 order by created_at",
     )
     .bind(id)
@@ -510,18 +535,7 @@ pub async fn get_one(State(state): State<AppState>, agency: Agency, Path(id): Pa
             seq,
             channel,
             status,
-            attempts: attempts
-                .iter()
-                .filter(|a| a.1 == step_id)
-                .map(|a| AttemptView {
-                    id: a.0,
-                    status: a.2.clone(),
-                    tries: a.3,
-                    detail: a.4.clone(),
-                    created_at: a.5,
-                    finished_at: a.6,
-                })
-                .collect(),
+            attempts: attempts.iter().filter(|a| a.step_id == step_id).cloned().collect(),
         })
         .collect();
     let evidence = evidence::for_item(&mut conn, id).await?;
@@ -544,7 +558,11 @@ pub async fn get_one(State(state): State<AppState>, agency: Agency, Path(id): Pa
         content_sha256: row.content_sha256,
         attachments,
         policy: PolicyRef { id: row.policy_id, version: row.policy_version },
-        served: row.served_at.map(|at| Served { at, rule: row.served_rule.unwrap_or_default(), evidence: row.served_evidence }),
+        served: row.served_at.map(|at| Served {
+            at,
+            rule: row.served_rule.unwrap_or_default(),
+            evidence: row.served_evidence,
+        }),
         steps,
         evidence,
     }))
@@ -556,7 +574,10 @@ pub async fn attachment_digests(conn: &mut PgConnection, item_id: Uuid) -> sqlx:
             .bind(item_id)
             .fetch_all(conn)
             .await?;
-    Ok(rows.into_iter().map(|(n, name, content_type, size, sha256)| AttachmentDigest { n, name, content_type, size, sha256 }).collect())
+    Ok(rows
+        .into_iter()
+        .map(|(n, name, content_type, size, sha256)| AttachmentDigest { n, name, content_type, size, sha256 })
+        .collect())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -576,7 +597,7 @@ pub struct ListQuery {
     pub cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
 pub struct ListEntry {
     pub id: Uuid,
     pub kind: String,
@@ -625,12 +646,13 @@ pub async fn list(
     let after = parse_time("created_after", &q.created_after)?;
     let before = parse_time("created_before", &q.created_before)?;
     let max = state.settings.api.max_page_size;
-    let limit = match &q.limit {
-        None => 50.min(max),
-        Some(l) => l.parse::<i64>().ok().filter(|l| (1..=max).contains(l)).ok_or_else(|| {
-            ApiError::Invalid(FieldError::new("limit", format!("a whole number from 1 to {max}")))
-        })?,
-    };
+    let limit =
+        match &q.limit {
+            None => 50.min(max),
+            Some(l) => l.parse::<i64>().ok().filter(|l| (1..=max).contains(l)).ok_or_else(|| {
+                ApiError::Invalid(FieldError::new("limit", format!("a whole number from 1 to {max}")))
+            })?,
+        };
     let cursor = q
         .cursor
         .as_deref()
@@ -660,18 +682,11 @@ pub async fn list(
         b.push(" and id < ").push_bind(c);
     }
     b.push(" order by id desc limit ").push_bind(limit + 1);
-    let mut rows: Vec<(Uuid, String, String, String, DateTime<Utc>, Option<DateTime<Utc>>)> =
-        b.build_query_as().fetch_all(&state.pool).await?;
-    let more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    let next_cursor = if more { rows.last().map(|r| r.0.to_string()) } else { None };
-    Ok(Json(ListPage {
-        items: rows
-            .into_iter()
-            .map(|(id, kind, reference, status, created_at, served_at)| ListEntry { id, kind, reference, status, created_at, served_at })
-            .collect(),
-        next_cursor,
-    }))
+    let mut items: Vec<ListEntry> = b.build_query_as().fetch_all(&state.pool).await?;
+    let more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    let next_cursor = if more { items.last().map(|r| r.id.to_string()) } else { None };
+    Ok(Json(ListPage { items, next_cursor }))
 }
 
 #[utoipa::path(get, path = "/v1/templates", tag = "agency",

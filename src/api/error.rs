@@ -73,7 +73,9 @@ pub struct Problem {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, slug, title, detail, field) = match self {
-            ApiError::BadRequest { field, detail } => (StatusCode::BAD_REQUEST, "bad-request", "Bad request", detail, field),
+            ApiError::BadRequest { field, detail } => {
+                (StatusCode::BAD_REQUEST, "bad-request", "Bad request", detail, field)
+            }
             ApiError::Invalid(e) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "validation",
@@ -84,7 +86,9 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(detail) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", detail, None),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not-found", "Not found", "no such resource".into(), None),
             ApiError::Conflict { field, detail } => (StatusCode::CONFLICT, "conflict", "Conflict", detail, field),
-            ApiError::TooLarge(detail) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large", "Payload too large", detail, None),
+            ApiError::TooLarge(detail) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too-large", "Payload too large", detail, None)
+            }
             ApiError::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported-media-type",
@@ -113,11 +117,15 @@ impl IntoResponse for ApiError {
                 )
             }
         };
-        let problem = Problem { kind: format!("https://dalil.uz/problems/{slug}"), title: title.into(), status: status.as_u16(), detail, field };
+        let problem = Problem {
+            kind: format!("https://dalil.uz/problems/{slug}"),
+            title: title.into(),
+            status: status.as_u16(),
+            detail,
+            field,
+        };
         let mut response = (status, axum::Json(problem)).into_response();
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

@@ -113,20 +113,27 @@ pub async fn list(State(state): State<AppState>, citizen: Citizen) -> ApiResult<
 async fn lock_entry(tx: &mut PgConnection, citizen: &Citizen, id: &str) -> ApiResult<EntryRow> {
     let id = Uuid::parse_str(id).map_err(|_| ApiError::NotFound)?;
     // Lock order everywhere: item row, then the evidence log head.
-    let row: Option<EntryRow> = sqlx::query_as(&format!("{ENTRY_SELECT} where e.item_id = $1 and r.pinfl = $2 for update of e, i"))
-        .bind(id)
-        .bind(citizen.pinfl.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
+    let row: Option<EntryRow> =
+        sqlx::query_as(&format!("{ENTRY_SELECT} where e.item_id = $1 and r.pinfl = $2 for update of e, i"))
+            .bind(id)
+            .bind(citizen.pinfl.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
     row.ok_or(ApiError::NotFound)
 }
 
 /// Records the first open, and serves the item if its policy says access serves it.
-async fn record_open(tx: &mut Transaction<'_, Postgres>, state: &AppState, row: &mut EntryRow, citizen: &Citizen) -> ApiResult<()> {
+async fn record_open(
+    tx: &mut Transaction<'_, Postgres>,
+    state: &AppState,
+    row: &mut EntryRow,
+    citizen: &Citizen,
+) -> ApiResult<()> {
     if row.first_opened_at.is_some() {
         return Ok(());
     }
     let now = evidence::now();
+    tracing::info!(item_id = %row.id, "opened by the recipient");
     sqlx::query("update inbox_entry set first_opened_at = $2 where item_id = $1")
         .bind(row.id)
         .bind(now)
@@ -134,10 +141,7 @@ async fn record_open(tx: &mut Transaction<'_, Postgres>, state: &AppState, row: 
         .await?;
     row.first_opened_at = Some(now);
     let ctx = ItemContext::load(tx, row.id).await?;
-    let serves = state
-        .policies
-        .by_id(&ctx.policy_id)
-        .is_some_and(|p| p.served_on.contains(&ServiceRule::Accessed));
+    let serves = state.policies.by_id(&ctx.policy_id).is_some_and(|p| p.served_on.contains(&ServiceRule::Accessed));
     let serve_now = serves && row.served_at.is_none();
     let mut details = serde_json::json!({ "via": "api" });
     if serve_now {
@@ -170,6 +174,7 @@ async fn record_open(tx: &mut Transaction<'_, Postgres>, state: &AppState, row: 
         .execute(&mut **tx)
         .await?;
         row.served_at = Some(now);
+        tracing::info!(item_id = %row.id, rule = "accessed", "served");
     } else {
         sqlx::query("update item set status = 'opened', updated_at = now() where id = $1 and status in ('accepted', 'consigned')")
             .bind(row.id)
@@ -183,7 +188,11 @@ async fn record_open(tx: &mut Transaction<'_, Postgres>, state: &AppState, row: 
     params(("id" = Uuid, Path)),
     responses((status = 200, body = InboxItem), (status = 404, body = super::error::Problem)),
     security(("citizen_token" = [])))]
-pub async fn open(State(state): State<AppState>, citizen: Citizen, Path(id): Path<String>) -> ApiResult<Json<InboxItem>> {
+pub async fn open(
+    State(state): State<AppState>,
+    citizen: Citizen,
+    Path(id): Path<String>,
+) -> ApiResult<Json<InboxItem>> {
     let mut tx = state.pool.begin().await?;
     let mut row = lock_entry(&mut tx, &citizen, &id).await?;
     record_open(&mut tx, &state, &mut row, &citizen).await?;
@@ -218,12 +227,14 @@ pub async fn attachment(
     let (name, content_type, sha256, data) = file.ok_or(ApiError::NotFound)?;
     // Downloading implies opening.
     record_open(&mut tx, &state, &mut row, &citizen).await?;
-    let first = sqlx::query("insert into attachment_access (item_id, n, first_at) values ($1, $2, now()) on conflict do nothing")
-        .bind(row.id)
-        .bind(n)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
+    let first = sqlx::query(
+        "insert into attachment_access (item_id, n, first_at) values ($1, $2, now()) on conflict do nothing",
+    )
+    .bind(row.id)
+    .bind(n)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
         == 1;
     if first {
         let ctx = ItemContext::load(&mut tx, row.id).await?;
@@ -242,10 +253,14 @@ pub async fn attachment(
         .await?;
     }
     tx.commit().await?;
-    let safe_name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || ".-_".contains(c) { c } else { '_' }).collect();
+    let safe_name: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || ".-_".contains(c) { c } else { '_' }).collect();
     let mut response = data.into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(&content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{safe_name}\"")) {
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
@@ -264,7 +279,11 @@ pub struct Acknowledged {
     params(("id" = Uuid, Path)),
     responses((status = 200, body = Acknowledged), (status = 404, body = super::error::Problem)),
     security(("citizen_token" = [])))]
-pub async fn acknowledge(State(state): State<AppState>, citizen: Citizen, Path(id): Path<String>) -> ApiResult<Json<Acknowledged>> {
+pub async fn acknowledge(
+    State(state): State<AppState>,
+    citizen: Citizen,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Acknowledged>> {
     let mut tx = state.pool.begin().await?;
     let mut row = lock_entry(&mut tx, &citizen, &id).await?;
     record_open(&mut tx, &state, &mut row, &citizen).await?;
@@ -272,7 +291,11 @@ pub async fn acknowledge(State(state): State<AppState>, citizen: Citizen, Path(i
         Some(at) => at, // acknowledging twice changes nothing
         None => {
             let at = evidence::now();
-            sqlx::query("update inbox_entry set acknowledged_at = $2 where item_id = $1").bind(row.id).bind(at).execute(&mut *tx).await?;
+            sqlx::query("update inbox_entry set acknowledged_at = $2 where item_id = $1")
+                .bind(row.id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
             let ctx = ItemContext::load(&mut tx, row.id).await?;
             evidence::append(
                 &mut tx,

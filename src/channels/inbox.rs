@@ -15,7 +15,9 @@ impl Channel for Inbox {
     }
 
     fn send<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, Result<Sent, ChannelError>> {
-        Box::pin(async { Ok(Sent { event: Event::ContentConsignment, details: serde_json::json!({ "mailbox": "portal" }) }) })
+        Box::pin(async {
+            Ok(Sent { event: Event::ContentConsignment, details: serde_json::json!({ "mailbox": "portal" }) })
+        })
     }
 
     fn record<'a>(&'a self, conn: &'a mut PgConnection, job: &'a Job) -> BoxFuture<'a, Result<bool, ChannelError>> {

@@ -1,0 +1,186 @@
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dalil::app::Roles;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::helpers::{amqp_base, summons, Options, TestApp};
+
+/// A TCP proxy in front of RabbitMQ that can cut every open connection, as a network fault
+/// or a broker restart would.
+struct Proxy {
+    port: u16,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let list = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect("127.0.0.1:5672").await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                list.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy { port, conns }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn cut(&self) -> usize {
+        let mut conns = self.conns.lock().unwrap();
+        let n = conns.len();
+        for c in conns.drain(..) {
+            c.abort();
+        }
+        n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_still_arrive_once_when_the_broker_connection_drops_while_the_relay_publishes() {
+    let proxy = Proxy::start().await;
+    let app = TestApp::spawn_with(Options { amqp_url: Some(proxy.url()), ..Default::default() }).await;
+    let key = app.agency("court-faults").await;
+    let (pinfl, _) = app.citizen("3120588010023").await;
+
+    let mut ids = Vec::new();
+    for round in 0..4 {
+        let submits = (0..25).map(|i| {
+            let mut body = summons(pinfl.as_str());
+            body["reference"] = format!("F-{round}-{i}").into();
+            let key = key.clone();
+            let app = &app;
+            async move { app.submit(&key, &format!("f-{round}-{i}"), &body).await.json::<Value>().await.unwrap() }
+        });
+        let (answers, _) = tokio::join!(futures_util::future::join_all(submits), async {
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            proxy.cut()
+        });
+        ids.extend(answers.into_iter().map(|v| v["id"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(ids.len(), 100);
+    for id in &ids {
+        app.wait_for_status(&key, id, &["consigned"]).await;
+    }
+    assert_eq!(app.count("select count(*) from inbox_entry").await, 100);
+    assert_eq!(app.count("select count(*) from evidence where event = 'ContentConsignment'").await, 100);
+    assert_eq!(app.count("select count(*) from outbox where published_at is null").await, 0);
+    assert_eq!(app.count("select count(*) from attempt where status <> 'done'").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_between_deposit_and_ack_does_not_deposit_twice() {
+    // No worker yet: the test plays the one that dies.
+    let mut app =
+        TestApp::spawn_with(Options { roles: Roles { serve: true, relay: true, worker: false }, amqp_url: None }).await;
+    let key = app.agency("court-crash").await;
+    let (pinfl, _) = app.citizen("3120588010024").await;
+    let v: Value = app.submit(&key, "crash-1", &summons(pinfl.as_str())).await.json().await.unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+
+    let queue = format!("{}delivery.inbox", app.settings.queue_prefix);
+    let conn = dalil::queue::connect(&amqp_base(), "test-dying-worker").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let message = loop {
+        if let Some(m) = ch.basic_get(queue.as_str().into(), BasicGetOptions::default()).await.unwrap() {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // It deposits and commits...
+    let outcome = dalil::worker::process(&app.pool, &dalil::channels::inbox::Inbox, &message.delivery.data).await;
+    assert_eq!(outcome, dalil::worker::Outcome::Done);
+    app.wait_for_status(&key, &id, &["consigned"]).await;
+    // ...and dies before the ack: the broker takes the message back.
+    drop(message);
+    conn.close(320, "worker died".into()).await.unwrap();
+
+    // The message comes back; a fresh consumer gets it marked as redelivered.
+    let conn = dalil::queue::connect(&amqp_base(), "test-second-worker").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(queue.as_str().into(), "second".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.unwrap().unwrap().unwrap();
+    assert!(again.redelivered);
+    let outcome = dalil::worker::process(&app.pool, &dalil::channels::inbox::Inbox, &again.data).await;
+    assert_eq!(outcome, dalil::worker::Outcome::Done);
+    again.acker.ack(Default::default()).await.unwrap();
+    conn.close(200, "ok".into()).await.unwrap();
+
+    assert_eq!(app.count("select count(*) from inbox_entry").await, 1);
+    assert_eq!(app.count("select count(*) from evidence where event = 'ContentConsignment'").await, 1);
+
+    // The real worker loop on the same queue finds nothing more to do.
+    let ch = dalil::queue::connect(&amqp_base(), "test-check").await.unwrap().create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_message_never_deposits_twice_even_when_processed_concurrently() {
+    let app =
+        TestApp::spawn_with(Options { roles: Roles { serve: true, relay: false, worker: false }, amqp_url: None })
+            .await;
+    let key = app.agency("court-dup").await;
+    let (pinfl, _) = app.citizen("3120588010025").await;
+    app.submit(&key, "dup-1", &summons(pinfl.as_str())).await;
+    let payload: Value = sqlx::query_scalar("select payload from outbox").fetch_one(&app.pool).await.unwrap();
+    let body = serde_json::to_vec(&payload).unwrap();
+    let inbox = dalil::channels::inbox::Inbox;
+    let outcomes =
+        futures_util::future::join_all((0..8).map(|_| dalil::worker::process(&app.pool, &inbox, &body))).await;
+    assert!(outcomes.iter().all(|o| *o == dalil::worker::Outcome::Done), "{outcomes:?}");
+    assert_eq!(app.count("select count(*) from inbox_entry").await, 1);
+    assert_eq!(app.count("select count(*) from evidence where event = 'ContentConsignment'").await, 1);
+    // A message that names no attempt is dead on arrival.
+    let bogus = serde_json::json!({ "type": "deliver", "version": 1, "item_id": uuid::Uuid::nil(), "step_id": uuid::Uuid::nil(),
+        "attempt_id": uuid::Uuid::nil(), "trace_id": uuid::Uuid::nil() });
+    assert!(matches!(
+        dalil::worker::process(&app.pool, &inbox, bogus.to_string().as_bytes()).await,
+        dalil::worker::Outcome::Dead(_)
+    ));
+    assert!(matches!(dalil::worker::process(&app.pool, &inbox, b"not json").await, dalil::worker::Outcome::Dead(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_evidence_table_refuses_update_delete_and_truncate() {
+    let app = TestApp::spawn().await;
+    let key = app.agency("court-evidence").await;
+    let (pinfl, _) = app.citizen("3120588010026").await;
+    app.submit(&key, "e-1", &summons(pinfl.as_str())).await;
+    for sql in [
+        "update evidence set event = 'Recall'",
+        "update evidence set at = at - interval '1 day' where log_index = 0",
+        "delete from evidence",
+        "truncate evidence",
+    ] {
+        let err = sqlx::query(sql).execute(&app.pool).await.unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    assert_eq!(app.count("select count(*) from evidence").await, 1);
+}
