@@ -163,9 +163,11 @@ create table evidence (
     event         text not null,
     at            timestamptz not null,
     channel       text,
-    -- RFC 8785 canonical JSON of the record, kept byte for byte, and its SHA-256.
+    -- RFC 8785 canonical JSON of the record, kept byte for byte, its SHA-256, and its Merkle
+    -- leaf hash SHA-256(0x00 ‖ canonical) (RFC 9162).
     canonical     bytea not null,
     sha256        bytea not null,
+    leaf_hash     bytea not null,
     created_at    timestamptz not null default now()
 );
 create index evidence_item on evidence (item_id, log_index);

@@ -31,6 +31,12 @@ pub struct Roles {
     pub serve: bool,
     pub relay: bool,
     pub worker: bool,
+    pub scheduler: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles { serve: true, relay: true, worker: true, scheduler: true };
+    pub const NONE: Roles = Roles { serve: false, relay: false, worker: false, scheduler: false };
 }
 
 pub fn load_topology(settings: &Settings) -> anyhow::Result<Topology> {
@@ -60,6 +66,11 @@ impl App {
         let templates = Templates::load(&settings.templates_dir)?;
         let policies = Policies::load(&settings.policies_file)?;
         let identity = Verifier::load(&settings.identity)?;
+        if crate::log::signer(&pool, &settings.log).await?.is_none() {
+            tracing::warn!(
+                "no checkpoint signing key: proof bundles are unavailable until `dalil admin signing-key generate`"
+            );
+        }
         let listener =
             TcpListener::bind(&settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
         let state = AppState {
@@ -97,6 +108,10 @@ impl App {
             tasks.spawn(async move {
                 worker::run(pool, settings, topology, worker_channels, cancel).await.context("worker")
             });
+        }
+        if roles.scheduler {
+            let (pool, settings, cancel) = (self.pool.clone(), self.settings.clone(), cancel.clone());
+            tasks.spawn(async move { crate::scheduler::run(pool, settings, cancel).await.context("scheduler") });
         }
         if roles.serve {
             let app = api::router(self.state.clone());

@@ -34,6 +34,20 @@ pub enum Command {
         #[arg(long = "channel")]
         channels: Vec<String>,
     },
+    /// Runs recurring jobs: checkpoint signing, log monitoring.
+    Scheduler,
+    /// Verifies a proof bundle offline: no network, no database.
+    Verify {
+        /// The bundle (JSON), or - for standard input.
+        bundle: PathBuf,
+        /// A trusted verifier key (name+keyid+base64, as GET /v1/log/keys gives it), or a file
+        /// holding one. Repeatable. Without it the bundle's own keys are trusted, with a warning.
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// Print the verdict as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Applies the database migrations (creates the database if missing).
     Migrate,
     /// Declares the RabbitMQ exchanges and queues of queues/topology.toml.
@@ -71,6 +85,13 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: RecipientsCommand,
     },
+    /// Keys that sign the evidence log's checkpoints.
+    SigningKey {
+        #[command(subcommand)]
+        command: SigningKeyCommand,
+    },
+    /// Signs a checkpoint of the evidence log now.
+    Checkpoint,
     /// Mints a citizen token with the development identity key.
     CitizenToken {
         pinfl: String,
@@ -78,6 +99,15 @@ pub enum AdminCommand {
         #[arg(long, default_value_t = 3600)]
         ttl: i64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SigningKeyCommand {
+    /// Creates the first key (private half in log.key_dir, never in the database).
+    Generate,
+    /// Replaces the key in use; checkpoints it signed still verify.
+    Rotate,
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,7 +188,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let quiet = matches!(cli.command, Command::Admin { .. });
+    let quiet = matches!(cli.command, Command::Admin { .. } | Command::Verify { .. });
+    if let Command::Verify { bundle, keys, json } = &cli.command {
+        return verify(bundle, keys, *json);
+    }
     init_tracing(&settings, quiet);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli.command, settings)) {
@@ -197,14 +230,15 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             app::declare_topology(&settings).await?;
             let channels = settings.worker.channels.clone();
             let app = App::build(settings).await?;
-            app.run_until_stopped(Roles { serve: true, relay: true, worker: true }, channels, app::shutdown_token())
-                .await
+            app.run_until_stopped(Roles::ALL, channels, app::shutdown_token()).await
         }
-        Command::Serve => start(settings, Roles { serve: true, relay: false, worker: false }, vec![]).await,
-        Command::Relay => start(settings, Roles { serve: false, relay: true, worker: false }, vec![]).await,
+        Command::Serve => start(settings, Roles { serve: true, ..Roles::NONE }, vec![]).await,
+        Command::Relay => start(settings, Roles { relay: true, ..Roles::NONE }, vec![]).await,
+        Command::Scheduler => start(settings, Roles { scheduler: true, ..Roles::NONE }, vec![]).await,
+        Command::Verify { .. } => unreachable!("handled before the runtime starts"),
         Command::Worker { channels } => {
             let channels = if channels.is_empty() { settings.worker.channels.clone() } else { channels };
-            start(settings, Roles { serve: false, relay: false, worker: true }, channels).await
+            start(settings, Roles { worker: true, ..Roles::NONE }, channels).await
         }
         Command::Migrate => {
             db::migrate(&settings).await?;
@@ -285,6 +319,22 @@ async fn admin_command(command: AdminCommand, settings: &Settings) -> anyhow::Re
             }
             report
         }
+        AdminCommand::SigningKey { command: SigningKeyCommand::Generate } => {
+            serde_json::to_value(crate::log::new_signing_key(&pool, &settings.log, false).await?)?
+        }
+        AdminCommand::SigningKey { command: SigningKeyCommand::Rotate } => {
+            serde_json::to_value(crate::log::new_signing_key(&pool, &settings.log, true).await?)?
+        }
+        AdminCommand::SigningKey { command: SigningKeyCommand::List } => {
+            serde_json::to_value(crate::log::published_keys(&mut *pool.acquire().await?).await?)?
+        }
+        AdminCommand::Checkpoint => {
+            let signer = crate::log::load_signer(&pool, &settings.log)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no signing key: dalil admin signing-key generate"))?;
+            let signer = crate::log::Signer { origin: settings.log.origin.clone(), ..signer };
+            serde_json::to_value(crate::log::sign_checkpoint(&pool, &signer).await?)?
+        }
         AdminCommand::CitizenToken { .. } => unreachable!("handled above"),
     };
     pool.close().await;
@@ -310,5 +360,53 @@ fn human(value: &Value) -> String {
         Value::Array(items) if items.is_empty() => "(none)".into(),
         Value::Array(items) => items.iter().map(human).collect::<Vec<_>>().join("\n\n"),
         other => other.to_string(),
+    }
+}
+
+/// `dalil verify`: exit 0 when the bundle holds, 1 with the reason when it does not, 2 when it
+/// cannot be read.
+fn verify(path: &std::path::Path, keys: &[String], json: bool) -> ExitCode {
+    let read = |p: &std::path::Path| -> std::io::Result<String> {
+        if p.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())
+        } else {
+            std::fs::read_to_string(p)
+        }
+    };
+    let text = match read(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("dalil verify: cannot read {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let bundle: crate::proof::Bundle = match serde_json::from_str(&text) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("dalil verify: {} is not a proof bundle: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut trusted = Vec::new();
+    for k in keys {
+        let text = std::fs::read_to_string(k).unwrap_or_else(|_| k.clone());
+        match crate::note::VerifierKey::parse(&text) {
+            Ok(v) => trusted.push(v),
+            Err(e) => {
+                eprintln!("dalil verify: --key {k}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let verdict = crate::proof::verify(&bundle, &trusted);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&verdict).expect("plain JSON"));
+    } else {
+        print!("{}", crate::proof::describe(&verdict));
+    }
+    if verdict.valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -27,6 +27,8 @@ pub struct Settings {
     pub relay: RelaySettings,
     pub worker: WorkerSettings,
     pub identity: IdentitySettings,
+    pub log: LogSettings,
+    pub scheduler: SchedulerSettings,
     /// Not in the file: tests set it so that their queues disappear when unused.
     #[serde(default)]
     pub queue_expires_ms: Option<u32>,
@@ -64,6 +66,21 @@ pub struct IdentitySettings {
     pub audience: String,
     pub dev_keys: bool,
     pub dev_private_key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub origin: String,
+    pub key_name: String,
+    pub key_dir: PathBuf,
+    pub signing_key_pem: SecretString,
+    pub generate_key_if_missing: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SchedulerSettings {
+    pub checkpoint: String,
+    pub log_monitor: String,
 }
 
 impl Settings {
@@ -105,6 +122,17 @@ impl Settings {
         }
         if self.worker.concurrency == 0 || self.worker.prefetch == 0 {
             bail!("worker.concurrency and worker.prefetch must be at least 1");
+        }
+        for (name, expr) in [("checkpoint", &self.scheduler.checkpoint), ("log_monitor", &self.scheduler.log_monitor)] {
+            if let Err(e) = expr.parse::<cron::Schedule>() {
+                bail!("scheduler.{name}: not a cron expression with seconds ({e})");
+            }
+        }
+        if self.log.origin.trim().is_empty() || self.log.origin.contains('\n') {
+            bail!("log.origin must be one non-empty line");
+        }
+        if self.log.key_name.is_empty() || self.log.key_name.contains([' ', '+', '\n']) {
+            bail!("log.key_name must be non-empty, without spaces or +");
         }
         if !matches!(self.log_format.as_str(), "pretty" | "json") {
             bail!("log_format must be \"pretty\" or \"json\"");

@@ -162,6 +162,7 @@ pub async fn append(
     let mut channels = Vec::with_capacity(events.len());
     let mut bodies = Vec::with_capacity(events.len());
     let mut hashes = Vec::with_capacity(events.len());
+    let mut leaves = Vec::with_capacity(events.len());
     let mut appended = Vec::with_capacity(events.len());
     for (i, e) in events.iter().enumerate() {
         let log_index = first + i as i64;
@@ -184,6 +185,7 @@ pub async fn append(
         };
         let bytes = canonical(&record);
         let hash = Sha256::digest(&bytes).to_vec();
+        leaves.push(crate::merkle::leaf_hash(&bytes).to_vec());
         appended.push(Appended { log_index, evidence_id, event: e.event, at, sha256: hex::encode(&hash) });
         indexes.push(log_index);
         ids.push(evidence_id);
@@ -194,10 +196,10 @@ pub async fn append(
         hashes.push(hash);
     }
     sqlx::query(
-        "insert into evidence (log_index, evidence_id, item_id, event, at, channel, canonical, sha256)
-         select l, e, $3, n, t, c, b, h
-         from unnest($1::bigint[], $2::uuid[], $4::text[], $5::timestamptz[], $6::text[], $7::bytea[], $8::bytea[])
-              as x(l, e, n, t, c, b, h)",
+        "insert into evidence (log_index, evidence_id, item_id, event, at, channel, canonical, sha256, leaf_hash)
+         select l, e, $3, n, t, c, b, h, f
+         from unnest($1::bigint[], $2::uuid[], $4::text[], $5::timestamptz[], $6::text[], $7::bytea[], $8::bytea[],
+                     $9::bytea[]) as x(l, e, n, t, c, b, h, f)",
     )
     .bind(&indexes)
     .bind(&ids)
@@ -207,6 +209,7 @@ pub async fn append(
     .bind(&channels)
     .bind(&bodies)
     .bind(&hashes)
+    .bind(&leaves)
     .execute(&mut *conn)
     .await?;
     Ok(appended)

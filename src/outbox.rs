@@ -24,6 +24,7 @@ use crate::config::Settings;
 use crate::queue::{self, Envelope, Topology};
 
 pub const NOTIFY_CHANNEL: &str = "dalil_outbox";
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Queues a message for the relay; the caller owns the transaction.
 pub async fn enqueue(
@@ -152,7 +153,11 @@ pub async fn publish_batch(
     }
     let mut published = Vec::with_capacity(pending.len());
     for (id, confirm) in pending {
-        let confirmation = confirm.await?;
+        // A broker that stops answering must not hold the claimed rows for ever: give up, roll
+        // back, reconnect, publish again.
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+            .await
+            .map_err(|_| anyhow::anyhow!("no publisher confirm within {CONFIRM_TIMEOUT:?}"))??;
         if confirmation.is_ack() && confirmation.take_message().is_none() {
             published.push(id);
         } else {

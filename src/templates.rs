@@ -210,3 +210,64 @@ pub fn local_time(t: chrono::DateTime<chrono::Utc>) -> String {
     let tashkent = chrono::FixedOffset::east_opt(5 * 3600).expect("valid offset");
     t.with_timezone(&tashkent).format("%d.%m.%Y %H:%M").to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context {
+        Context {
+            agency: AgencyCtx { name: "Yunusobod sudi".into(), code: "yunusobod-court".into() },
+            recipient: RecipientCtx { name: "Aliyev Aziz".into() },
+            item: ItemCtx {
+                id: "01a2207b-6511-778e-a968-f3c5858a10e4".into(),
+                kind: "summons".into(),
+                reference: "2-1234/2026".into(),
+                inbox_url: "https://dalil.example/inbox/1".into(),
+                respond_by: Some("05.12.2026 10:00".into()),
+            },
+        }
+    }
+
+    #[test]
+    fn every_shipped_template_renders_in_every_language_for_every_kind() {
+        let t = Templates::load(Path::new("templates")).unwrap();
+        assert!(t.manifests().contains_key("court-summons") && t.manifests().contains_key("tax-notice"));
+        for (name, m) in t.manifests() {
+            assert_eq!(m.languages.len(), 4, "{name} must exist in uz-Latn, uz-Cyrl, ru and en");
+            let vars: Map<String, Value> =
+                m.variables.keys().map(|k| (k.clone(), Value::String(format!("<{k}>")))).collect();
+            for lang in &m.languages {
+                for kind in &m.kinds {
+                    let r = t.render(name, *lang, *kind, &vars, &ctx()).unwrap();
+                    assert!(!r.subject.is_empty() && !r.subject.contains('\n'), "{name} {lang:?}: one-line subject");
+                    assert!(r.html.contains("2-1234"), "{name} {lang:?}: the reference is shown");
+                    // Every declared variable is used, and escaped in HTML.
+                    for k in m.variables.keys() {
+                        assert!(
+                            r.html.contains(&format!("&lt;{k}&gt;")) || r.subject.contains(&format!("<{k}>")),
+                            "{name} {lang:?}: {k} declared but not shown"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn uzbek_latin_templates_use_the_proper_apostrophes() {
+        for entry in std::fs::read_dir("templates").unwrap() {
+            let dir = entry.unwrap().path();
+            for file in std::fs::read_dir(&dir).unwrap() {
+                let path = file.unwrap().path();
+                if path.file_name().unwrap().to_string_lossy().starts_with("uz-Latn") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    // oʻ and gʻ take U+02BB; a plain ' or a curly quote after o/g is a typo.
+                    for bad in ["o'", "g'", "o‘", "g‘", "o’", "g’", "O'", "G'"] {
+                        assert!(!text.contains(bad), "{}: {bad:?}", path.display());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -6,6 +6,7 @@ pub mod correspondence;
 pub mod error;
 pub mod health;
 pub mod inbox;
+pub mod log;
 pub mod openapi;
 
 use std::sync::Arc;
@@ -42,6 +43,15 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::document))
         .route("/v1/correspondence", post(correspondence::submit).get(correspondence::list))
         .route("/v1/correspondence/{id}", get(correspondence::get_one))
+        .route("/v1/correspondence/{id}/proof", get(log::agency_bundle))
+        .route("/v1/inbox/{id}/proof", get(log::citizen_bundle))
+        .route("/v1/log/checkpoint", get(log::latest))
+        .route("/v1/log/checkpoints/{size}", get(log::at_size))
+        .route("/v1/log/proof/inclusion", get(log::inclusion))
+        .route("/v1/log/proof/consistency", get(log::consistency))
+        .route("/v1/log/keys", get(log::keys))
+        .route("/v1/verify", post(log::verify))
+        .route("/metrics", get(log::metrics))
         .route("/v1/templates", get(correspondence::templates))
         .route("/v1/inbox", get(inbox::list))
         .route("/v1/inbox/{id}", get(inbox::open))

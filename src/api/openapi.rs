@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{correspondence, error, health, inbox};
+use super::{correspondence, error, health, inbox, log};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -13,12 +13,15 @@ use super::{correspondence, error, health, inbox};
         health::healthz, health::readyz,
         correspondence::submit, correspondence::list, correspondence::get_one, correspondence::templates,
         inbox::list, inbox::open, inbox::attachment, inbox::acknowledge,
+        log::latest, log::at_size, log::inclusion, log::consistency, log::keys,
+        log::agency_bundle, log::citizen_bundle, log::verify,
     ),
     components(schemas(error::Problem)),
     modifiers(&Security),
     tags(
         (name = "agency", description = "Agencies send correspondence and follow it (API key)."),
         (name = "citizen", description = "Citizens read their inbox (identity-provider token)."),
+        (name = "log", description = "The evidence log: checkpoints, proofs, keys, verification (public)."),
         (name = "operations", description = "Health and readiness."),
     )
 )]

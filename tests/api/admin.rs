@@ -6,13 +6,16 @@ use serde_json::Value;
 use crate::helpers::TestApp;
 
 /// Runs the real `dalil` binary against the test's database and keys.
-fn dalil(app: &TestApp, args: &[&str]) -> (bool, String, String) {
+pub fn dalil(app: &TestApp, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_dalil"))
         .args(args)
         .env("DALIL_DATABASE_URL", app.settings.database_url.expose_secret())
         .env("DALIL_TEMPLATES_DIR", crate::helpers::repo_path("templates"))
         .env("DALIL_IDENTITY__PUBLIC_KEY_FILE", &app.settings.identity.public_key_file)
         .env("DALIL_IDENTITY__DEV_PRIVATE_KEY_FILE", &app.settings.identity.dev_private_key_file)
+        .env("DALIL_LOG__KEY_DIR", &app.settings.log.key_dir)
+        .env("DALIL_LOG__KEY_NAME", &app.settings.log.key_name)
+        .env("DALIL_LOG__ORIGIN", &app.settings.log.origin)
         .output()
         .unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())

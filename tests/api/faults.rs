@@ -86,8 +86,7 @@ async fn items_still_arrive_once_when_the_broker_connection_drops_while_the_rela
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_dies_between_deposit_and_ack_does_not_deposit_twice() {
     // No worker yet: the test plays the one that dies.
-    let mut app =
-        TestApp::spawn_with(Options { roles: Roles { serve: true, relay: true, worker: false }, amqp_url: None }).await;
+    let mut app = TestApp::spawn_with(Options { roles: Roles { worker: false, ..Roles::ALL }, amqp_url: None }).await;
     let key = app.agency("court-crash").await;
     let (pinfl, _) = app.citizen("3120588010024").await;
     let v: Value = app.submit(&key, "crash-1", &summons(pinfl.as_str())).await.json().await.unwrap();
@@ -143,9 +142,7 @@ async fn a_worker_that_dies_between_deposit_and_ack_does_not_deposit_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_message_never_deposits_twice_even_when_processed_concurrently() {
-    let app =
-        TestApp::spawn_with(Options { roles: Roles { serve: true, relay: false, worker: false }, amqp_url: None })
-            .await;
+    let app = TestApp::spawn_with(Options { roles: Roles { serve: true, ..Roles::NONE }, amqp_url: None }).await;
     let key = app.agency("court-dup").await;
     let (pinfl, _) = app.citizen("3120588010025").await;
     app.submit(&key, "dup-1", &summons(pinfl.as_str())).await;
@@ -172,7 +169,8 @@ async fn the_evidence_table_refuses_update_delete_and_truncate() {
     let app = TestApp::spawn().await;
     let key = app.agency("court-evidence").await;
     let (pinfl, _) = app.citizen("3120588010026").await;
-    app.submit(&key, "e-1", &summons(pinfl.as_str())).await;
+    let v: Value = app.submit(&key, "e-1", &summons(pinfl.as_str())).await.json().await.unwrap();
+    app.wait_for_status(&key, v["id"].as_str().unwrap(), &["consigned"]).await;
     for sql in [
         "update evidence set event = 'Recall'",
         "update evidence set at = at - interval '1 day' where log_index = 0",
@@ -182,5 +180,5 @@ async fn the_evidence_table_refuses_update_delete_and_truncate() {
         let err = sqlx::query(sql).execute(&app.pool).await.unwrap_err();
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
-    assert_eq!(app.count("select count(*) from evidence").await, 1);
+    assert_eq!(app.count("select count(*) from evidence").await, 2);
 }

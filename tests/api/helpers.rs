@@ -29,7 +29,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { roles: Roles { serve: true, relay: true, worker: true }, amqp_url: None }
+        Options { roles: Roles::ALL, amqp_url: None }
     }
 }
 
@@ -73,6 +73,9 @@ pub fn test_settings(id: &str, dir: &std::path::Path, amqp_url: &str) -> Setting
         ("DALIL_RELAY__POLL_INTERVAL_MS", "200".into()),
         ("DALIL_IDENTITY__PUBLIC_KEY_FILE", dir.join("idp.pub.pem").display().to_string()),
         ("DALIL_IDENTITY__DEV_PRIVATE_KEY_FILE", dir.join("idp.pem").display().to_string()),
+        ("DALIL_LOG__KEY_DIR", dir.join("log-keys").display().to_string()),
+        ("DALIL_LOG__ORIGIN", "dalil.test/evidence".into()),
+        ("DALIL_LOG__KEY_NAME", "dalil.test/evidence".into()),
     ];
     Settings::from_sources(&defaults, env.into_iter().map(|(k, v)| (k.to_string(), v))).unwrap()
 }

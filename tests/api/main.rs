@@ -6,5 +6,6 @@ mod faults;
 mod helpers;
 mod idempotency;
 mod operations;
+mod proof;
 mod submission;
 mod tenancy;
