@@ -48,6 +48,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measures the evidence log's costs at a given size, in a scratch database.
+    BenchLog {
+        /// Records to fill the log with before measuring.
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        /// Concurrent writers for the append measurement.
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+        /// One-record transactions to time.
+        #[arg(long, default_value_t = 20_000)]
+        appends: u64,
+        /// Inclusion proofs to time.
+        #[arg(long, default_value_t = 200)]
+        proofs: u64,
+        /// Keep the scratch database.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Applies the database migrations (creates the database if missing).
     Migrate,
     /// Declares the RabbitMQ exchanges and queues of queues/topology.toml.
@@ -236,6 +254,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Relay => start(settings, Roles { relay: true, ..Roles::NONE }, vec![]).await,
         Command::Scheduler => start(settings, Roles { scheduler: true, ..Roles::NONE }, vec![]).await,
         Command::Verify { .. } => unreachable!("handled before the runtime starts"),
+        Command::BenchLog { records, writers, appends, proofs, keep } => {
+            crate::bench_log::run(&settings, crate::bench_log::Options { records, writers, appends, proofs, keep })
+                .await
+        }
         Command::Worker { channels } => {
             let channels = if channels.is_empty() { settings.worker.channels.clone() } else { channels };
             start(settings, Roles { worker: true, ..Roles::NONE }, channels).await

@@ -417,3 +417,29 @@ pub fn describe(v: &Verdict) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE_KEY: &str = "dalil.local/evidence+023223d5+AeuPOr8bvdkqPMu3nPbGmbVdwPPQHSDacD4gzxQdf9bI";
+
+    #[test]
+    fn the_documented_example_verifies() {
+        let bundle: Bundle = serde_json::from_str(include_str!("../docs/proof-bundle.example.json")).unwrap();
+        let v = verify(&bundle, &[VerifierKey::parse(EXAMPLE_KEY).unwrap()]);
+        assert!(v.valid, "{:?}", v.reason);
+        let doc = include_str!("../docs/proof-bundle.md");
+        assert!(doc.contains(EXAMPLE_KEY));
+        for line in describe(&v).lines() {
+            assert!(doc.contains(line), "docs/proof-bundle.md does not show: {line}");
+        }
+        let mut tampered = bundle.clone();
+        tampered.records[1].canonical = tampered.records[1].canonical.replacen("portal", "portaI", 1);
+        let v = verify(&tampered, &[VerifierKey::parse(EXAMPLE_KEY).unwrap()]);
+        assert_eq!(
+            v.reason.as_deref(),
+            Some("record at log index 1 is not in the signed log: its bytes or its inclusion proof were changed")
+        );
+    }
+}
