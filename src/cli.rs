@@ -199,6 +199,10 @@ pub struct RecipientArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Verification needs no configuration, no database and no network.
+    if let Command::Verify { bundle, keys, json } = &cli.command {
+        return verify(bundle, keys, *json);
+    }
     let settings = match Settings::load() {
         Ok(s) => s,
         Err(e) => {
@@ -206,10 +210,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let quiet = matches!(cli.command, Command::Admin { .. } | Command::Verify { .. });
-    if let Command::Verify { bundle, keys, json } = &cli.command {
-        return verify(bundle, keys, *json);
-    }
+    let quiet = matches!(cli.command, Command::Admin { .. });
     init_tracing(&settings, quiet);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli.command, settings)) {

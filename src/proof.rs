@@ -361,7 +361,10 @@ pub fn describe(v: &Verdict) -> String {
     if let Some(reason) = &v.reason {
         out.push_str(&format!("Reason: {reason}\n"));
     }
-    if let Some(item) = &v.item {
+    if let (false, Some(item)) = (v.valid, &v.item) {
+        out.push_str(&format!("The bundle says it concerns item {}; nothing in it can be relied on.\n", item.id));
+    }
+    if let (true, Some(item)) = (v.valid, &v.item) {
         out.push_str(&format!("\nItem       {} ({}), reference {}\n", item.id, item.kind, item.reference));
         out.push_str(&format!("Subject    {}\n", item.subject));
         out.push_str(&format!("From       {} ({})\n", item.sender.name, item.sender.agency));
@@ -381,7 +384,7 @@ pub fn describe(v: &Verdict) -> String {
                 a["sha256"].as_str().unwrap_or_default()
             ));
         }
-        if v.valid {
+        {
             out.push_str("\nWhat happened (Tashkent time)\n");
             for e in &v.events {
                 let who = match (e.actor["type"].as_str(), e.actor["id"].as_str()) {
@@ -402,7 +405,7 @@ pub fn describe(v: &Verdict) -> String {
             }
         }
     }
-    if let Some(cp) = &v.checkpoint {
+    if let (true, Some(cp)) = (v.valid, &v.checkpoint) {
         out.push_str(&format!(
             "Log        {} records checked against checkpoint {} of size {}, signed by {} (key {})\n",
             v.events.len(),
@@ -441,5 +444,8 @@ mod tests {
             v.reason.as_deref(),
             Some("record at log index 1 is not in the signed log: its bytes or its inclusion proof were changed")
         );
+        for line in describe(&v).lines() {
+            assert!(doc.contains(line), "docs/proof-bundle.md does not show: {line}");
+        }
     }
 }
