@@ -124,6 +124,16 @@ impl RecipientId {
     }
 }
 
+/// `{"pinfl": …}` or `{"tin": …}` from a recipient row's two columns, as the API and the
+/// evidence show it.
+pub fn recipient_json(pinfl: Option<&str>, tin: Option<&str>) -> serde_json::Value {
+    match (pinfl, tin) {
+        (Some(p), _) => serde_json::json!({ "pinfl": p }),
+        (_, Some(t)) => serde_json::json!({ "tin": t }),
+        _ => serde_json::Value::Null,
+    }
+}
+
 /// A phone number in E.164, checked against libphonenumber's metadata (Uzbek numbers are
 /// +998 and nine digits of a real operator range).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -143,11 +143,7 @@ pub async fn build(pool: &PgPool, signer: &Signer, item_id: Uuid) -> anyhow::Res
             inclusion_proof: proof.iter().map(|h| B64.encode(h)).collect(),
         });
     }
-    let recipient = match (&row.pinfl, &row.tin) {
-        (Some(p), _) => serde_json::json!({ "pinfl": p }),
-        (_, Some(t)) => serde_json::json!({ "tin": t }),
-        _ => Value::Null,
-    };
+    let recipient = crate::domain::recipient_json(row.pinfl.as_deref(), row.tin.as_deref());
     let mut bundle = Bundle {
         format: FORMAT.into(),
         item: ItemSummary {

@@ -539,11 +539,7 @@ pub async fn get_one(
         })
         .collect();
     let evidence = evidence::for_item(&mut conn, id).await?;
-    let recipient = match (&row.pinfl, &row.tin) {
-        (Some(p), _) => serde_json::json!({ "pinfl": p }),
-        (_, Some(t)) => serde_json::json!({ "tin": t }),
-        _ => Value::Null,
-    };
+    let recipient = crate::domain::recipient_json(row.pinfl.as_deref(), row.tin.as_deref());
     Ok(Json(ItemView {
         id: row.id,
         kind: row.kind,

@@ -21,8 +21,16 @@ async fn served_item(app: &TestApp, key: &str, pinfl: &str, token: &str, idem: &
     id
 }
 
+async fn public_json(app: &TestApp, path: &str) -> Value {
+    app.client.get(app.url(path)).send().await.unwrap().json().await.unwrap()
+}
+
+fn hashes(list: &Value) -> Vec<merkle::Hash> {
+    list.as_array().unwrap().iter().map(|h| B64.decode(h.as_str().unwrap()).unwrap().try_into().unwrap()).collect()
+}
+
 async fn published_keys(app: &TestApp) -> Vec<VerifierKey> {
-    let keys: Value = app.client.get(app.url("/v1/log/keys")).send().await.unwrap().json().await.unwrap();
+    let keys = public_json(app, "/v1/log/keys").await;
     keys.as_array().unwrap().iter().map(|k| VerifierKey::parse(k["verifier_key"].as_str().unwrap()).unwrap()).collect()
 }
 
@@ -140,56 +148,20 @@ async fn checkpoints_and_proofs_are_served_and_verify() {
     .await
     .unwrap();
     served_item(&app, &key, pinfl.as_str(), &token, "l-2").await;
-    let latest: Value = app.client.get(app.url("/v1/log/checkpoint")).send().await.unwrap().json().await.unwrap();
+    let latest = public_json(&app, "/v1/log/checkpoint").await;
     let cp = dalil::note::verify_checkpoint(latest["note"].as_str().unwrap(), &keys).unwrap();
     assert!(cp.size as i64 >= first.size);
     let size = cp.size;
 
     for index in [0, size / 2, size - 1] {
-        let p: Value = app
-            .client
-            .get(app.url(&format!("/v1/log/proof/inclusion?index={index}&size={size}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let p = public_json(&app, &format!("/v1/log/proof/inclusion?index={index}&size={size}")).await;
         let leaf: merkle::Hash = B64.decode(p["leaf_hash"].as_str().unwrap()).unwrap().try_into().unwrap();
-        let path: Vec<merkle::Hash> = p["proof"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| B64.decode(h.as_str().unwrap()).unwrap().try_into().unwrap())
-            .collect();
-        assert!(merkle::verify_inclusion(index, size, &leaf, &path, &cp.root), "index {index}");
+        assert!(merkle::verify_inclusion(index, size, &leaf, &hashes(&p["proof"]), &cp.root), "index {index}");
     }
     let old = dalil::note::verify_checkpoint(&first.note, &keys).unwrap();
-    let c: Value = app
-        .client
-        .get(app.url(&format!("/v1/log/proof/consistency?from={}&to={size}", old.size)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let path: Vec<merkle::Hash> = c["proof"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| B64.decode(h.as_str().unwrap()).unwrap().try_into().unwrap())
-        .collect();
-    assert!(merkle::verify_consistency(old.size, size, &old.root, &cp.root, &path));
-    let stored: Value = app
-        .client
-        .get(app.url(&format!("/v1/log/checkpoints/{}", old.size)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let c = public_json(&app, &format!("/v1/log/proof/consistency?from={}&to={size}", old.size)).await;
+    assert!(merkle::verify_consistency(old.size, size, &old.root, &cp.root, &hashes(&c["proof"])));
+    let stored = public_json(&app, &format!("/v1/log/checkpoints/{}", old.size)).await;
     assert_eq!(stored["note"], first.note.as_str());
     let bad =
         app.client.get(app.url(&format!("/v1/log/proof/inclusion?index={size}&size={size}"))).send().await.unwrap();
@@ -212,7 +184,7 @@ async fn after_a_key_rotation_old_checkpoints_still_verify() {
     let (ok, out, err) = crate::admin::dalil(&app, &["admin", "signing-key", "rotate", "--json"]);
     assert!(ok, "{err}");
     let new_key: Value = serde_json::from_str(&out).unwrap();
-    let keys: Value = app.client.get(app.url("/v1/log/keys")).send().await.unwrap().json().await.unwrap();
+    let keys = public_json(&app, "/v1/log/keys").await;
     assert_eq!(keys.as_array().unwrap().len(), 2);
     assert!(keys[0]["not_after"].is_string(), "the old key's validity ended");
     assert_eq!(keys[1]["key_id"], new_key["key_id"]);
