@@ -283,3 +283,74 @@ pub fn citizen_token(settings: &Settings, pinfl: &str, ttl_secs: i64) -> anyhow:
     let token = identity::mint_dev_token(&settings.identity, &pinfl, ttl_secs)?;
     Ok(json!({ "pinfl": pinfl, "token": token, "expires_in": ttl_secs }))
 }
+
+/// Messages in the dead queue, left in place.
+pub async fn dead_letters_list(settings: &Settings, limit: usize) -> anyhow::Result<Value> {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    let topology = crate::app::load_topology(settings)?;
+    let conn = crate::queue::connect(secrecy::ExposeSecret::expose_secret(&settings.amqp_url), "dalil-admin").await?;
+    let ch = conn.create_channel().await?;
+    let queue = topology.name("dead");
+    let mut out = Vec::new();
+    let mut held = Vec::new();
+    while out.len() < limit {
+        let Some(m) = ch.basic_get(queue.as_str().into(), BasicGetOptions::default()).await? else { break };
+        out.push(json!({
+            "message_id": m.delivery.properties.message_id().as_ref().map(|s| s.to_string()),
+            "routing_key": m.delivery.routing_key.to_string(),
+            "death": format!("{:?}", m.delivery.properties.headers().as_ref().and_then(|h| h.inner().get("x-death").cloned())),
+            "body": String::from_utf8_lossy(&m.delivery.data),
+        }));
+        held.push(m);
+    }
+    // Put everything back, in order: listing changes nothing.
+    for m in held {
+        m.delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+    }
+    let _ = conn.close(200, "listed".into()).await;
+    Ok(Value::Array(out))
+}
+
+/// Publishes dead letters back to the delivery exchange with their original routing key, each
+/// removed from the dead queue only after RabbitMQ confirmed its replay.
+pub async fn dead_letters_replay(settings: &Settings, limit: usize) -> anyhow::Result<Value> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+    let topology = crate::app::load_topology(settings)?;
+    let conn = crate::queue::connect(secrecy::ExposeSecret::expose_secret(&settings.amqp_url), "dalil-admin").await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let queue = topology.name("dead");
+    let mut replayed = 0;
+    while replayed < limit {
+        let Some(m) = ch.basic_get(queue.as_str().into(), BasicGetOptions::default()).await? else { break };
+        let mut props = m.delivery.properties.clone();
+        // A fresh start on the retry ladder.
+        if let Some(headers) = props.headers().clone() {
+            let mut h = lapin::types::FieldTable::default();
+            for (k, v) in headers.inner() {
+                if k.as_str() != "x-dalil-retries" && k.as_str() != "x-death" {
+                    h.insert(k.clone(), v.clone());
+                }
+            }
+            props = props.with_headers(h);
+        }
+        let confirm = ch
+            .basic_publish(
+                topology.name(crate::queue::DELIVERY_EXCHANGE).as_str().into(),
+                m.delivery.routing_key.clone(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                &m.delivery.data,
+                props,
+            )
+            .await?
+            .await?;
+        anyhow::ensure!(
+            confirm.is_ack() && confirm.take_message().is_none(),
+            "RabbitMQ did not take a replayed message"
+        );
+        m.delivery.acker.ack(BasicAckOptions::default()).await?;
+        replayed += 1;
+    }
+    let _ = conn.close(200, "replayed".into()).await;
+    Ok(json!({ "replayed": replayed }))
+}

@@ -32,11 +32,13 @@ pub struct Roles {
     pub relay: bool,
     pub worker: bool,
     pub scheduler: bool,
+    /// The SMS gateway simulator (development).
+    pub simulator: bool,
 }
 
 impl Roles {
-    pub const ALL: Roles = Roles { serve: true, relay: true, worker: true, scheduler: true };
-    pub const NONE: Roles = Roles { serve: false, relay: false, worker: false, scheduler: false };
+    pub const ALL: Roles = Roles { serve: true, relay: true, worker: true, scheduler: true, simulator: false };
+    pub const NONE: Roles = Roles { serve: false, relay: false, worker: false, scheduler: false, simulator: false };
 }
 
 pub fn load_topology(settings: &Settings) -> anyhow::Result<Topology> {
@@ -109,6 +111,19 @@ impl App {
                 worker::run(pool, settings, topology, worker_channels, cancel).await.context("worker")
             });
         }
+        if roles.simulator {
+            let addr = simulator_address(&self.settings);
+            let listener =
+                TcpListener::bind(&addr).await.with_context(|| format!("binding the SMS simulator to {addr}"))?;
+            let sim = crate::sim::Simulator::new(
+                self.settings.sms.token.expose_secret(),
+                self.settings.sms.report_secret.expose_secret(),
+                false,
+            );
+            tracing::info!(addr, "SMS gateway simulator (sms.start_simulator)");
+            let cancel = cancel.clone();
+            tasks.spawn(async move { sim.serve(listener, cancel).await.context("SMS simulator") });
+        }
         if roles.scheduler {
             let (pool, settings, cancel) = (self.pool.clone(), self.settings.clone(), cancel.clone());
             tasks.spawn(async move { crate::scheduler::run(pool, settings, cancel).await.context("scheduler") });
@@ -140,6 +155,13 @@ impl App {
         self.pool.close().await;
         result
     }
+}
+
+/// host:port of the configured SMS gateway, where `dalil all` runs the simulator.
+pub fn simulator_address(settings: &Settings) -> String {
+    let url = settings.sms.base_url.trim_end_matches('/');
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    rest.split('/').next().unwrap_or(rest).to_string()
 }
 
 /// A token cancelled on SIGTERM or Ctrl-C.

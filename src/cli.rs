@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use secrecy::ExposeSecret;
 use serde_json::Value;
 
 use crate::admin::{self, RecipientInput};
@@ -36,6 +38,11 @@ pub enum Command {
     },
     /// Runs recurring jobs: checkpoint signing, log monitoring.
     Scheduler,
+    /// Simulators of outside services, for demos, tests and integrators.
+    Sim {
+        #[command(subcommand)]
+        command: SimCommand,
+    },
     /// Verifies a proof bundle offline: no network, no database.
     Verify {
         /// The bundle (JSON), or - for standard input.
@@ -110,12 +117,42 @@ pub enum AdminCommand {
     },
     /// Signs a checkpoint of the evidence log now.
     Checkpoint,
+    /// Messages that could not be processed, in the dead queue.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLettersCommand,
+    },
     /// Mints a citizen token with the development identity key.
     CitizenToken {
         pinfl: String,
         /// Validity in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SimCommand {
+    /// An SMS gateway that speaks the API the sms channel uses, posts delivery reports, and
+    /// can be told to fail (POST /control).
+    SmsGateway {
+        /// host:port; default: the address of sms.base_url.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// Shows them, leaving them in place.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Re-queues them for delivery, each removed only once RabbitMQ confirmed it.
+    Replay {
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
     },
 }
 
@@ -249,12 +286,27 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             app::declare_topology(&settings).await?;
             let channels = settings.worker.channels.clone();
             let app = App::build(settings).await?;
-            app.run_until_stopped(Roles::ALL, channels, app::shutdown_token()).await
+            let roles = Roles { simulator: app.settings.sms.start_simulator, ..Roles::ALL };
+            app.run_until_stopped(roles, channels, app::shutdown_token()).await
         }
         Command::Serve => start(settings, Roles { serve: true, ..Roles::NONE }, vec![]).await,
         Command::Relay => start(settings, Roles { relay: true, ..Roles::NONE }, vec![]).await,
         Command::Scheduler => start(settings, Roles { scheduler: true, ..Roles::NONE }, vec![]).await,
         Command::Verify { .. } => unreachable!("handled before the runtime starts"),
+        Command::Sim { command: SimCommand::SmsGateway { listen } } => {
+            let addr = listen.unwrap_or_else(|| crate::app::simulator_address(&settings));
+            let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+            println!(
+                "SMS gateway simulator on http://{addr}: POST /api/v1/messages, GET /api/v1/messages, POST /control"
+            );
+            crate::sim::Simulator::new(
+                settings.sms.token.expose_secret(),
+                settings.sms.report_secret.expose_secret(),
+                false,
+            )
+            .serve(listener, app::shutdown_token())
+            .await
+        }
         Command::BenchLog { records, writers, appends, proofs, keep } => {
             crate::bench_log::run(&settings, crate::bench_log::Options { records, writers, appends, proofs, keep })
                 .await
@@ -298,6 +350,12 @@ async fn start(settings: Settings, roles: Roles, channels: Vec<String>) -> anyho
 async fn admin_command(command: AdminCommand, settings: &Settings) -> anyhow::Result<Value> {
     if let AdminCommand::CitizenToken { pinfl, ttl } = &command {
         return admin::citizen_token(settings, pinfl, *ttl);
+    }
+    if let AdminCommand::DeadLetters { command } = &command {
+        return match command {
+            DeadLettersCommand::List { limit } => admin::dead_letters_list(settings, *limit).await,
+            DeadLettersCommand::Replay { limit } => admin::dead_letters_replay(settings, *limit).await,
+        };
     }
     let pool = db::connect(settings).await?;
     let value = match command {
@@ -358,7 +416,7 @@ async fn admin_command(command: AdminCommand, settings: &Settings) -> anyhow::Re
             let signer = crate::log::Signer { origin: settings.log.origin.clone(), ..signer };
             serde_json::to_value(crate::log::sign_checkpoint(&pool, &signer).await?)?
         }
-        AdminCommand::CitizenToken { .. } => unreachable!("handled above"),
+        AdminCommand::CitizenToken { .. } | AdminCommand::DeadLetters { .. } => unreachable!("handled above"),
     };
     pool.close().await;
     Ok(value)

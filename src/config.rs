@@ -29,6 +29,8 @@ pub struct Settings {
     pub identity: IdentitySettings,
     pub log: LogSettings,
     pub scheduler: SchedulerSettings,
+    pub sms: SmsSettings,
+    pub email: EmailSettings,
     /// Not in the file: tests set it so that their queues disappear when unused.
     #[serde(default)]
     pub queue_expires_ms: Option<u32>,
@@ -75,6 +77,34 @@ pub struct LogSettings {
     pub key_dir: PathBuf,
     pub signing_key_pem: SecretString,
     pub generate_key_if_missing: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SmsSettings {
+    pub provider: String,
+    pub base_url: String,
+    pub token: SecretString,
+    pub report_secret: SecretString,
+    pub sender: String,
+    pub rate_per_second: u32,
+    pub timeout_ms: u64,
+    pub max_segments: usize,
+    pub start_simulator: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmailSettings {
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    pub tls: String,
+    pub username: String,
+    pub password: SecretString,
+    pub from: String,
+    pub pool_size: u32,
+    pub timeout_ms: u64,
+    pub dkim_domain: String,
+    pub dkim_selector: String,
+    pub dkim_private_key_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,6 +163,15 @@ impl Settings {
         }
         if self.log.key_name.is_empty() || self.log.key_name.contains([' ', '+', '\n']) {
             bail!("log.key_name must be non-empty, without spaces or +");
+        }
+        if !matches!(self.email.tls.as_str(), "none" | "starttls" | "tls") {
+            bail!("email.tls must be \"none\", \"starttls\" or \"tls\"");
+        }
+        if self.email.from.parse::<lettre::message::Mailbox>().is_err() {
+            bail!("email.from is not a mailbox, e.g. \"Dalil <noreply@dalil.uz>\"");
+        }
+        if self.sms.rate_per_second == 0 || self.sms.max_segments == 0 {
+            bail!("sms.rate_per_second and sms.max_segments must be at least 1");
         }
         if !matches!(self.log_format.as_str(), "pretty" | "json") {
             bail!("log_format must be \"pretty\" or \"json\"");

@@ -34,5 +34,7 @@ pub mod policy;
 pub mod proof;
 pub mod queue;
 pub mod scheduler;
+pub mod sim;
+pub mod sms;
 pub mod templates;
 pub mod worker;

@@ -15,6 +15,9 @@ use serde_json::{Map, Value};
 
 use crate::domain::{FieldError, Kind, Language};
 
+/// The folder of the email notice layout, shared by every template.
+const EMAIL_LAYOUT: &str = "_email";
+
 /// Names the platform fills in itself; personalisation may not use them.
 const RESERVED: [&str; 3] = ["agency", "recipient", "item"];
 const MAX_VALUE_CHARS: usize = 5000;
@@ -70,6 +73,17 @@ pub struct ItemCtx {
 pub struct Rendered {
     pub subject: String,
     pub html: String,
+    /// The SMS notice (`<language>.sms.txt`): that an item waits, never its content.
+    pub sms: Option<String>,
+    /// The email notice, from the shared layout in `templates/_email/`.
+    pub email: Option<EmailNotice>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EmailNotice {
+    pub subject: String,
+    pub text: String,
+    pub html: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +138,10 @@ impl Templates {
             }
         }
         Ok(templates)
+    }
+
+    fn has(&self, file: &str) -> bool {
+        self.env.get_template(file).is_ok()
     }
 
     pub fn manifests(&self) -> &BTreeMap<String, Manifest> {
@@ -201,7 +219,28 @@ impl Templates {
         };
         let subject = render("subject.txt")?.trim().to_string();
         let html = render("inbox.html")?;
-        Ok(Rendered { subject, html })
+        let sms = if self.has(&format!("{name}/{}.sms.txt", language.as_str())) {
+            Some(render("sms.txt")?.trim().to_string())
+        } else {
+            None
+        };
+        let email = if self.has(&format!("{EMAIL_LAYOUT}/{}.txt", language.as_str())) {
+            let layout = |part: &str| -> Result<String, RenderError> {
+                let file = format!("{EMAIL_LAYOUT}/{}.{part}", language.as_str());
+                self.env
+                    .get_template(&file)
+                    .and_then(|t| t.render(&vars))
+                    .map_err(|e| RenderError::Template(file.clone(), format!("{e:#}")))
+            };
+            Some(EmailNotice {
+                subject: layout("subject.txt")?.trim().to_string(),
+                text: layout("txt")?,
+                html: layout("html")?,
+            })
+        } else {
+            None
+        };
+        Ok(Rendered { subject, html, sms, email })
     }
 }
 

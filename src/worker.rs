@@ -96,11 +96,16 @@ async fn process_attempt(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid)
     if status != "queued" {
         return Ok(Outcome::Done);
     }
-    let fresh = channel.record(&mut tx, &job).await?;
-    sqlx::query("update attempt set status = 'done', tries = tries + 1, finished_at = now() where id = $1")
-        .bind(attempt_id)
-        .execute(&mut *tx)
-        .await?;
+    let fresh = channel.record(&mut tx, &job, &sent).await?;
+    sqlx::query(
+        "update attempt set status = 'done', tries = tries + 1, finished_at = now(), provider_ref = $2, segments = $3
+         where id = $1",
+    )
+    .bind(attempt_id)
+    .bind(&sent.provider_ref)
+    .bind(sent.segments)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("update step set status = 'done', updated_at = now() where id = $1")
         .bind(job.step_id)
         .execute(&mut *tx)
@@ -135,12 +140,25 @@ async fn process_attempt(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid)
     Ok(Outcome::Done)
 }
 
+/// After the last retry: the attempt fails permanently, with evidence.
+async fn give_up(pool: &PgPool, channel: &dyn Channel, body: &[u8], why: &str) -> Outcome {
+    let Ok(Envelope::Deliver { attempt_id, .. }) = serde_json::from_slice::<Envelope>(body) else {
+        return Outcome::Dead("malformed message".into());
+    };
+    let reason = format!("gave up after the last retry: {why}");
+    match record_failure(pool, channel, attempt_id, &reason).await {
+        Ok(()) => Outcome::Done,
+        Err(e) => Outcome::Retry(format!("recording failure: {e}")),
+    }
+}
+
 async fn record_failure(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid, why: &str) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     let Some((job, status)) = load_job(&mut tx, attempt_id).await? else { return Ok(()) };
     if status != "queued" {
         return Ok(());
     }
+    let event = channel.failure_event();
     sqlx::query(
         "update attempt set status = 'failed', tries = tries + 1, detail = $2, finished_at = now() where id = $1",
     )
@@ -152,14 +170,14 @@ async fn record_failure(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid, 
         .bind(job.step_id)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("update item set status = 'failed', updated_at = now() where id = $1 and status = 'accepted'")
-        .bind(job.item.item_id)
-        .execute(&mut *tx)
-        .await?;
-    let event = match channel.name() {
-        "inbox" => Event::ContentConsignmentFailure,
-        _ => Event::ConsignmentNotificationFailure,
-    };
+    if event == Event::ContentConsignmentFailure {
+        // Only the inbox carries the item itself; a failed notice leaves the item as it is.
+        sqlx::query("update item set status = 'failed', updated_at = now() where id = $1 and status = 'accepted'")
+            .bind(job.item.item_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+
     evidence::append(
         &mut tx,
         &job.item,
@@ -188,8 +206,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for name in channel_names {
-        let channel: Arc<dyn Channel> =
-            Arc::from(channels::by_name(&name).with_context(|| format!("unknown channel {name:?}"))?);
+        let channel: Arc<dyn Channel> = Arc::from(channels::build(&name, &settings, &pool)?);
         let queue =
             topology.channel_queue(&name).with_context(|| format!("no queue for channel {name} in the topology"))?;
         let (pool, settings, topology, cancel) = (pool.clone(), settings.clone(), topology.clone(), cancel.clone());
@@ -257,7 +274,13 @@ async fn consume(
         let (pool, channel, amqp, ladder) = (pool.clone(), channel.clone(), amqp.clone(), ladder.clone());
         let topology = topology.clone();
         tokio::spawn(async move {
-            let outcome = process(&pool, channel.as_ref(), &delivery.data).await;
+            let mut outcome = process(&pool, channel.as_ref(), &delivery.data).await;
+            if let Outcome::Retry(why) = &outcome {
+                if retries_of(&delivery) as usize >= ladder.len() {
+                    // The last delay passed: the step fails for good, with evidence.
+                    outcome = give_up(&pool, channel.as_ref(), &delivery.data, why).await;
+                }
+            }
             if let Err(e) = settle(&amqp, &topology, &ladder, delivery, outcome).await {
                 // The broker redelivers what was not acked; processing is idempotent.
                 tracing::warn!(error = format!("{e:#}"), "worker: could not settle a delivery");
@@ -287,7 +310,8 @@ async fn settle(
         Outcome::Retry(why) => {
             let retries = retries_of(&delivery);
             let Some((queue_name, delay)) = ladder.get(retries as usize) else {
-                tracing::error!(why, retries, "worker: retries exhausted, dead-lettering");
+                // Only when even recording the failure failed: keep the message, dead-lettered.
+                tracing::error!(why, retries, "worker: retries exhausted and failure not recorded, dead-lettering");
                 delivery.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
                 return Ok(());
             };

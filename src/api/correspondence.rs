@@ -235,12 +235,12 @@ pub async fn submit(
         });
     }
 
-    let recipient: Option<(Uuid, String)> =
-        sqlx::query_as(&format!("select id, name from recipient where {} = $1", p.recipient.scheme()))
+    let recipient: Option<(Uuid, String, Option<String>, Option<String>)> =
+        sqlx::query_as(&format!("select id, name, phone, email from recipient where {} = $1", p.recipient.scheme()))
             .bind(p.recipient.value())
             .fetch_optional(&mut *tx)
             .await?;
-    let Some((recipient_id, recipient_name)) = recipient else {
+    let Some((recipient_id, recipient_name, phone, email)) = recipient else {
         return Err(ApiError::invalid(
             format!("recipient.{}", p.recipient.scheme()),
             "no recipient is registered with this identifier",
@@ -265,6 +265,47 @@ pub async fn submit(
             RenderError::Input(f) => ApiError::Invalid(f),
             RenderError::Template(file, why) => ApiError::Internal(anyhow::anyhow!("template {file}: {why}")),
         })?;
+    // Which notices go out, decided now and fixed in the evidence: a channel of the policy
+    // without a contact point on record is skipped, and the reason kept.
+    let mut notices: Vec<Notice> = Vec::new();
+    let mut skipped = serde_json::Map::new();
+    for step in &policy.steps {
+        match step.channel.as_str() {
+            "sms" => match (&phone, &rendered.sms) {
+                (Some(phone), Some(text)) => {
+                    let encoded = crate::sms::encode(text);
+                    let cap = state.settings.sms.max_segments;
+                    if encoded.segments > cap {
+                        return Err(ApiError::invalid(
+                            "personalisation",
+                            format!(
+                                "the SMS notice would take {} segments ({}); the limit is {cap}: shorten the values",
+                                encoded.segments,
+                                encoded.encoding.as_str()
+                            ),
+                        ));
+                    }
+                    notices.push(Notice::sms(phone, encoded));
+                }
+                (None, _) => {
+                    skipped.insert("sms".into(), "no phone number on record".into());
+                }
+                (_, None) => {
+                    skipped.insert("sms".into(), "the template has no SMS text".into());
+                }
+            },
+            "email" => match (&email, &rendered.email) {
+                (Some(address), Some(e)) => notices.push(Notice::email(address, e)),
+                (None, _) => {
+                    skipped.insert("email".into(), "no email address on record".into());
+                }
+                (_, None) => {
+                    skipped.insert("email".into(), "no email layout for this language".into());
+                }
+            },
+            _ => {}
+        }
+    }
     let content_sha256 = evidence::sha256_hex(rendered.html.as_bytes());
     let subject_sha256 = evidence::sha256_hex(rendered.subject.as_bytes());
 
@@ -303,8 +344,29 @@ pub async fn submit(
         .execute(&mut *tx)
         .await?;
     }
+    for n in &notices {
+        sqlx::query(
+            "insert into notice (item_id, channel, address, subject, body_text, body_html, encoding, segments)
+             values ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(item_id)
+        .bind(n.channel)
+        .bind(&n.address)
+        .bind(&n.subject)
+        .bind(&n.text)
+        .bind(&n.html)
+        .bind(&n.encoding)
+        .bind(n.segments)
+        .execute(&mut *tx)
+        .await?;
+    }
     let trace_id = Uuid::new_v4();
-    for step in &policy.steps {
+    let active: Vec<&crate::policy::Step> = policy
+        .steps
+        .iter()
+        .filter(|s| s.channel == "inbox" || notices.iter().any(|n| n.channel == s.channel))
+        .collect();
+    for step in active {
         let step_id = Uuid::now_v7();
         let attempt_id = Uuid::now_v7();
         sqlx::query("insert into step (id, item_id, seq, channel, status) values ($1, $2, 0, $3, 'queued')")
@@ -351,6 +413,9 @@ pub async fn submit(
     if let Some(t) = p.respond_by {
         details["respond_by"] = Value::String(evidence::format_time(t));
     }
+    if !skipped.is_empty() {
+        details["notices_skipped"] = Value::Object(skipped);
+    }
     // Last statement before commit: the log head's lock is held for as short as possible.
     evidence::append(
         &mut tx,
@@ -365,6 +430,7 @@ pub async fn submit(
                 "subject": { "sha256": subject_sha256 },
                 "content": { "sha256": content_sha256, "media_type": "text/html; charset=utf-8" },
                 "attachments": attachments,
+                "notices": notices.iter().map(|n| (n.channel.to_string(), n.digest())).collect::<serde_json::Map<_, _>>(),
             })),
         }],
     )
@@ -690,4 +756,55 @@ pub async fn list(
     security(("agency_key" = [])))]
 pub async fn templates(State(state): State<AppState>, _agency: Agency) -> Json<BTreeMap<String, templates::Manifest>> {
     Json(state.templates.manifests().clone())
+}
+
+/// A notice fixed at submission.
+struct Notice {
+    channel: &'static str,
+    address: String,
+    subject: Option<String>,
+    text: String,
+    html: Option<String>,
+    encoding: Option<String>,
+    segments: Option<i32>,
+}
+
+impl Notice {
+    fn sms(phone: &str, e: crate::sms::Encoded) -> Notice {
+        Notice {
+            channel: "sms",
+            address: phone.to_string(),
+            subject: None,
+            text: e.text,
+            html: None,
+            encoding: Some(e.encoding.as_str().into()),
+            segments: Some(e.segments as i32),
+        }
+    }
+
+    fn email(address: &str, e: &crate::templates::EmailNotice) -> Notice {
+        Notice {
+            channel: "email",
+            address: address.to_string(),
+            subject: Some(e.subject.clone()),
+            text: e.text.clone(),
+            html: Some(e.html.clone()),
+            encoding: None,
+            segments: None,
+        }
+    }
+
+    /// What SubmissionAcceptance fixes about it.
+    fn digest(&self) -> Value {
+        let mut d =
+            serde_json::json!({ "to": self.address, "text_sha256": evidence::sha256_hex(self.text.as_bytes()) });
+        if let Some(h) = &self.html {
+            d["html_sha256"] = evidence::sha256_hex(h.as_bytes()).into();
+        }
+        if let Some(n) = self.segments {
+            d["segments"] = n.into();
+            d["encoding"] = self.encoding.clone().into();
+        }
+        d
+    }
 }

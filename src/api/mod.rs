@@ -8,6 +8,7 @@ pub mod health;
 pub mod inbox;
 pub mod log;
 pub mod openapi;
+pub mod providers;
 
 use std::sync::Arc;
 
@@ -51,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/log/proof/consistency", get(log::consistency))
         .route("/v1/log/keys", get(log::keys))
         .route("/v1/verify", post(log::verify))
+        .route("/v1/providers/sms/{provider}/reports", post(providers::sms_report))
         .route("/metrics", get(log::metrics))
         .route("/v1/templates", get(correspondence::templates))
         .route("/v1/inbox", get(inbox::list))

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{correspondence, error, health, inbox, log};
+use super::{correspondence, error, health, inbox, log, providers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -15,6 +15,7 @@ use super::{correspondence, error, health, inbox, log};
         inbox::list, inbox::open, inbox::attachment, inbox::acknowledge,
         log::latest, log::at_size, log::inclusion, log::consistency, log::keys,
         log::agency_bundle, log::citizen_bundle, log::verify,
+        providers::sms_report,
     ),
     components(schemas(error::Problem)),
     modifiers(&Security),
@@ -22,6 +23,7 @@ use super::{correspondence, error, health, inbox, log};
         (name = "agency", description = "Agencies send correspondence and follow it (API key)."),
         (name = "citizen", description = "Citizens read their inbox (identity-provider token)."),
         (name = "log", description = "The evidence log: checkpoints, proofs, keys, verification (public)."),
+        (name = "providers", description = "Callbacks from SMS gateways (shared secret)."),
         (name = "operations", description = "Health and readiness."),
     )
 )]

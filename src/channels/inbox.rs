@@ -15,12 +15,15 @@ impl Channel for Inbox {
     }
 
     fn send<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, Result<Sent, ChannelError>> {
-        Box::pin(async {
-            Ok(Sent { event: Event::ContentConsignment, details: serde_json::json!({ "mailbox": "portal" }) })
-        })
+        Box::pin(async { Ok(Sent::event(Event::ContentConsignment, serde_json::json!({ "mailbox": "portal" }))) })
     }
 
-    fn record<'a>(&'a self, conn: &'a mut PgConnection, job: &'a Job) -> BoxFuture<'a, Result<bool, ChannelError>> {
+    fn record<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        job: &'a Job,
+        _sent: &'a Sent,
+    ) -> BoxFuture<'a, Result<bool, ChannelError>> {
         Box::pin(async move {
             let inserted = sqlx::query(
                 "insert into inbox_entry (item_id, recipient_id, attempt_id, deposited_at)
@@ -34,5 +37,9 @@ impl Channel for Inbox {
             .rows_affected();
             Ok(inserted == 1)
         })
+    }
+
+    fn failure_event(&self) -> Event {
+        Event::ContentConsignmentFailure
     }
 }

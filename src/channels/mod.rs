@@ -3,15 +3,18 @@
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::config::Settings;
 use crate::evidence::{Event, ItemContext};
 
+pub mod email;
 pub mod inbox;
+pub mod sms;
 
 /// Channels a policy may name.
-pub const KNOWN_CHANNELS: &[&str] = &["inbox"];
+pub const KNOWN_CHANNELS: &[&str] = &["inbox", "sms", "email"];
 
 /// One attempt to deliver, as the worker loaded it.
 #[derive(Debug, Clone)]
@@ -27,6 +30,15 @@ pub struct Job {
 pub struct Sent {
     pub event: Event,
     pub details: Value,
+    /// The provider's id for what it accepted (SMS message id, email Message-ID).
+    pub provider_ref: Option<String>,
+    pub segments: Option<i32>,
+}
+
+impl Sent {
+    pub fn event(event: Event, details: Value) -> Sent {
+        Sent { event, details, provider_ref: None, segments: None }
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -51,12 +63,25 @@ pub trait Channel: Send + Sync {
 
     /// Records the effect in the worker's transaction, idempotently: `Ok(false)` when this
     /// attempt's effect was recorded before (a redelivered message), so no second evidence.
-    fn record<'a>(&'a self, conn: &'a mut PgConnection, job: &'a Job) -> BoxFuture<'a, Result<bool, ChannelError>>;
+    fn record<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        job: &'a Job,
+        sent: &'a Sent,
+    ) -> BoxFuture<'a, Result<bool, ChannelError>>;
+
+    /// The event that records this channel's permanent failure.
+    fn failure_event(&self) -> Event {
+        Event::ConsignmentNotificationFailure
+    }
 }
 
-pub fn by_name(name: &str) -> Option<Box<dyn Channel>> {
-    match name {
-        "inbox" => Some(Box::new(inbox::Inbox)),
-        _ => None,
-    }
+/// The channel of that name, wired to its provider.
+pub fn build(name: &str, settings: &Settings, pool: &PgPool) -> anyhow::Result<Box<dyn Channel>> {
+    Ok(match name {
+        "inbox" => Box::new(inbox::Inbox),
+        "sms" => Box::new(sms::Sms::new(settings, pool.clone())?),
+        "email" => Box::new(email::Email::new(settings, pool.clone())?),
+        other => anyhow::bail!("unknown channel {other:?}; known: {}", KNOWN_CHANNELS.join(", ")),
+    })
 }

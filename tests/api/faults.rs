@@ -86,7 +86,8 @@ async fn items_still_arrive_once_when_the_broker_connection_drops_while_the_rela
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_dies_between_deposit_and_ack_does_not_deposit_twice() {
     // No worker yet: the test plays the one that dies.
-    let mut app = TestApp::spawn_with(Options { roles: Roles { worker: false, ..Roles::ALL }, amqp_url: None }).await;
+    let mut app =
+        TestApp::spawn_with(Options { roles: Roles { worker: false, ..Roles::ALL }, ..Default::default() }).await;
     let key = app.agency("court-crash").await;
     let (pinfl, _) = app.citizen("3120588010024").await;
     let v: Value = app.submit(&key, "crash-1", &summons(pinfl.as_str())).await.json().await.unwrap();
@@ -142,7 +143,7 @@ async fn a_worker_that_dies_between_deposit_and_ack_does_not_deposit_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_message_never_deposits_twice_even_when_processed_concurrently() {
-    let app = TestApp::spawn_with(Options { roles: Roles { serve: true, ..Roles::NONE }, amqp_url: None }).await;
+    let app = TestApp::spawn_with(Options { roles: Roles { serve: true, ..Roles::NONE }, ..Default::default() }).await;
     let key = app.agency("court-dup").await;
     let (pinfl, _) = app.citizen("3120588010025").await;
     app.submit(&key, "dup-1", &summons(pinfl.as_str())).await;

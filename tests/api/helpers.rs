@@ -25,11 +25,13 @@ pub struct Options {
     pub roles: Roles,
     /// Point the app at another broker address (a fault-injecting proxy).
     pub amqp_url: Option<String>,
+    /// The SMTP server email notices go to (host, port).
+    pub smtp: Option<(String, u16)>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { roles: Roles::ALL, amqp_url: None }
+        Options { roles: Roles::ALL, amqp_url: None, smtp: None }
     }
 }
 
@@ -39,6 +41,8 @@ pub struct TestApp {
     pub settings: Settings,
     pub client: Client,
     pub db_name: String,
+    /// The SMS gateway simulator this app sends to.
+    pub sms: dalil::sim::Simulator,
     cancel: CancellationToken,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: TempDir,
@@ -57,6 +61,21 @@ pub fn repo_path(p: &str) -> String {
     format!("{}/{p}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The shipped topology with its retry delays cut to fractions of a second.
+fn short_retries_topology(dir: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(repo_path("queues/topology.toml")).unwrap();
+    let text = [("5000", "300"), ("30000", "600"), ("300000", "900"), ("3600000", "1200")].iter().fold(
+        text,
+        |t, (from, to)| {
+            t.replace(&format!("\"x-message-ttl\" = {from},"), &format!("\"x-message-ttl\" = {to},"))
+                .replace(&format!("retry_delay_ms = {from}\n"), &format!("retry_delay_ms = {to}\n"))
+        },
+    );
+    let path = dir.join("topology.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
 /// Settings for one test: its own database name, queue prefix and keys.
 pub fn test_settings(id: &str, dir: &std::path::Path, amqp_url: &str) -> Settings {
     let defaults = std::fs::read_to_string(repo_path("config/default.toml")).unwrap();
@@ -68,7 +87,7 @@ pub fn test_settings(id: &str, dir: &std::path::Path, amqp_url: &str) -> Setting
         ("DALIL_QUEUE_EXPIRES_MS", "900000".into()),
         ("DALIL_TEMPLATES_DIR", repo_path("templates")),
         ("DALIL_POLICIES_FILE", repo_path("config/policies.toml")),
-        ("DALIL_TOPOLOGY_FILE", repo_path("queues/topology.toml")),
+        ("DALIL_TOPOLOGY_FILE", short_retries_topology(dir)),
         ("DALIL_DATABASE__MAX_CONNECTIONS", "8".into()),
         ("DALIL_RELAY__POLL_INTERVAL_MS", "200".into()),
         ("DALIL_IDENTITY__PUBLIC_KEY_FILE", dir.join("idp.pub.pem").display().to_string()),
@@ -91,21 +110,41 @@ impl TestApp {
         std::fs::create_dir_all(&dir).unwrap();
         let amqp = options.amqp_url.clone().unwrap_or_else(amqp_base);
         let mut settings = test_settings(&id, &dir, &amqp_base());
+        let cancel = CancellationToken::new();
+        // Each app has its own SMS gateway simulator, quiet.
+        let sms = dalil::sim::Simulator::new("test-sms-token", "test-report-secret", true);
+        let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        settings.sms.base_url = format!("http://{}", sim_listener.local_addr().unwrap());
+        settings.sms.token = "test-sms-token".to_string().into();
+        settings.sms.report_secret = "test-report-secret".to_string().into();
+        settings.sms.rate_per_second = 1000;
+        tokio::spawn(sms.clone().serve(sim_listener, cancel.clone()));
+        if let Some((host, port)) = &options.smtp {
+            settings.email.smtp_host = host.clone();
+            settings.email.smtp_port = *port;
+        }
         dalil::db::migrate(&settings).await.expect("migrations");
         // The topology is declared straight on the broker, whatever the app goes through.
         app::declare_topology(&settings).await.expect("topology");
         settings.amqp_url = amqp.into();
+        // Reports come back to this app's own address, known once it is bound.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        settings.listen = format!("127.0.0.1:{port}");
+        settings.public_url = format!("http://127.0.0.1:{port}");
         let app = App::build(settings.clone()).await.expect("app builds");
         let address = format!("http://127.0.0.1:{}", app.port());
         let pool = app.pool.clone();
-        let cancel = CancellationToken::new();
-        let handle = tokio::spawn(app.run_until_stopped(options.roles, vec!["inbox".into()], cancel.clone()));
+        let channels = vec!["inbox".into(), "sms".into(), "email".into()];
+        let handle = tokio::spawn(app.run_until_stopped(options.roles, channels, cancel.clone()));
         TestApp {
             address,
             pool,
             settings,
             client: Client::new(),
             db_name: format!("dalil_test_{id}"),
+            sms,
             cancel,
             handle: Some(handle),
             _dir: TempDir(dir),
@@ -129,12 +168,19 @@ impl TestApp {
         dalil::admin::api_key_create(&self.pool, code).await.unwrap()["key"].as_str().unwrap().to_string()
     }
 
+    /// A citizen with no phone or email on record: items reach only their inbox.
     pub async fn citizen(&self, first13: &str) -> (Pinfl, String) {
+        self.citizen_with(first13, None, None).await
+    }
+
+    /// A citizen with the given contact points (notices go to them).
+    pub async fn citizen_with(&self, first13: &str, phone: Option<&str>, email: Option<&str>) -> (Pinfl, String) {
         let pinfl = Pinfl::with_check_digit(first13);
         let input = dalil::admin::RecipientInput {
             pinfl: Some(pinfl.to_string()),
             name: Some("Aliyev Aziz".into()),
-            phone: Some("+998901234567".into()),
+            phone: phone.map(String::from),
+            email: email.map(String::from),
             digital_consent: Some(true),
             ..Default::default()
         };

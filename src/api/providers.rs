@@ -1,0 +1,111 @@
+//! Callbacks from providers: SMS delivery reports. A report is authenticated by the
+//! provider's shared secret; each (message, status) is taken once, so duplicates are harmless,
+//! and only the first final status counts, so out-of-order reports are harmless too.
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use super::{ApiError, ApiResult, AppState, JsonBody};
+use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence};
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct SmsReport {
+    /// The provider's message id, as it answered our send.
+    pub id: String,
+    /// delivered, undelivered, expired, rejected (or an intermediate state, which is ignored).
+    pub status: String,
+    #[serde(default)]
+    pub client_ref: Option<String>,
+    #[serde(default)]
+    pub at: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/providers/sms/{provider}/reports", tag = "providers", request_body = SmsReport,
+    params(("provider" = String, Path)),
+    responses((status = 200, description = "Taken (or already taken)"),
+              (status = 401, body = super::error::Problem),
+              (status = 404, description = "Unknown message: retry later", body = super::error::Problem)))]
+pub async fn sms_report(
+    State(state): State<AppState>,
+    Path(provider): Path<String>,
+    headers: HeaderMap,
+    body: JsonBody<SmsReport>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let settings = &state.settings.sms;
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let expected = settings.report_secret.expose_secret();
+    if provider != settings.provider || !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        return Err(ApiError::Unauthorized("unknown provider or wrong report secret".into()));
+    }
+    let report = body.value;
+    let event = match report.status.as_str() {
+        "delivered" | "DELIVRD" => Event::NotificationDelivered,
+        "undelivered" | "expired" | "rejected" | "UNDELIV" | "EXPIRED" | "REJECTD" => {
+            Event::ConsignmentNotificationFailure
+        }
+        _ => return Ok(Json(serde_json::json!({ "taken": false, "reason": "not a final status" }))),
+    };
+    let mut tx = state.pool.begin().await?;
+    let message: Option<(Uuid, Uuid, String)> = sqlx::query_as(
+        "select attempt_id, item_id, status from sms_message where provider = $1 and provider_id = $2 for update",
+    )
+    .bind(&provider)
+    .bind(&report.id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    // A report can outrun our own commit of the send: the provider retries a 404.
+    let Some((attempt_id, item_id, status)) = message else { return Err(ApiError::NotFound) };
+    let first = sqlx::query(
+        "insert into sms_report (provider, provider_id, status) values ($1, $2, $3) on conflict do nothing",
+    )
+    .bind(&provider)
+    .bind(&report.id)
+    .bind(&report.status)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !first || status != "accepted" {
+        tx.commit().await?;
+        return Ok(Json(serde_json::json!({ "taken": false, "reason": "already reported" })));
+    }
+    let final_status = if event == Event::NotificationDelivered { "delivered" } else { "failed" };
+    sqlx::query("update sms_message set status = $2, reported_at = now() where attempt_id = $1")
+        .bind(attempt_id)
+        .bind(final_status)
+        .execute(&mut *tx)
+        .await?;
+    let ctx = ItemContext::load(&mut tx, item_id).await?;
+    evidence::append(
+        &mut tx,
+        &ctx,
+        vec![NewEvidence {
+            event,
+            at: evidence::now(),
+            actor: Actor::Platform(format!("provider:{provider}")),
+            channel: Some("sms".into()),
+            details: serde_json::json!({
+                "attempt_id": attempt_id,
+                "provider_message_id": report.id,
+                "provider_status": report.status,
+                "provider_time": report.at,
+                "error": report.error,
+            }),
+            digests: None,
+        }],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(serde_json::json!({ "taken": true })))
+}

@@ -1,0 +1,162 @@
+//! SMS notices through an HTTP gateway: a JSON API with token auth, the provider's message id
+//! in the answer, delivery reports posted back to us. The attempt id goes to the gateway as
+//! `client_ref`, its idempotency key: a retried request never sends a second message.
+
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::{Channel, ChannelError, Job, Sent};
+use crate::config::Settings;
+use crate::evidence::Event;
+
+pub struct Sms {
+    pool: PgPool,
+    http: reqwest::Client,
+    provider: String,
+    url: String,
+    token: SecretString,
+    sender: String,
+    callback_url: String,
+    /// Spacing between sends, so the provider's rate is never exceeded.
+    interval: Duration,
+    next_slot: Mutex<Instant>,
+}
+
+/// What we send the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendRequest {
+    pub to: String,
+    pub from: String,
+    pub text: String,
+    pub client_ref: String,
+    pub callback_url: String,
+}
+
+/// What the gateway answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendResponse {
+    pub id: String,
+    pub status: String,
+    #[serde(default)]
+    pub segments: Option<i32>,
+}
+
+impl Sms {
+    pub fn new(settings: &Settings, pool: PgPool) -> anyhow::Result<Sms> {
+        let s = &settings.sms;
+        Ok(Sms {
+            pool,
+            http: reqwest::Client::builder().timeout(Duration::from_millis(s.timeout_ms)).build()?,
+            provider: s.provider.clone(),
+            url: format!("{}/api/v1/messages", s.base_url.trim_end_matches('/')),
+            token: s.token.clone(),
+            sender: s.sender.clone(),
+            callback_url: format!(
+                "{}/v1/providers/sms/{}/reports",
+                settings.public_url.trim_end_matches('/'),
+                s.provider
+            ),
+            interval: Duration::from_secs_f64(1.0 / s.rate_per_second as f64),
+            next_slot: Mutex::new(Instant::now()),
+        })
+    }
+
+    async fn wait_for_slot(&self) {
+        let at = {
+            let mut next = self.next_slot.lock().await;
+            let now = Instant::now();
+            let at = (*next).max(now);
+            *next = at + self.interval;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+impl Channel for Sms {
+    fn name(&self) -> &'static str {
+        "sms"
+    }
+
+    fn send<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Sent, ChannelError>> {
+        Box::pin(async move {
+            let notice: Option<(String, String, Option<i32>, Option<String>)> = sqlx::query_as(
+                "select address, body_text, segments, encoding from notice where item_id = $1 and channel = 'sms'",
+            )
+            .bind(job.item.item_id)
+            .fetch_optional(&self.pool)
+            .await?;
+            let (to, text, segments, encoding) =
+                notice.ok_or_else(|| ChannelError::Permanent("no SMS notice was fixed at submission".into()))?;
+            self.wait_for_slot().await;
+            let request = SendRequest {
+                to: to.clone(),
+                from: self.sender.clone(),
+                text,
+                client_ref: job.attempt_id.to_string(),
+                callback_url: self.callback_url.clone(),
+            };
+            let response = self
+                .http
+                .post(&self.url)
+                .bearer_auth(self.token.expose_secret())
+                .json(&request)
+                .send()
+                .await
+                .map_err(|e| ChannelError::Transient(format!("SMS gateway unreachable: {e}")))?;
+            let status = response.status();
+            if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+                return Err(ChannelError::Transient(format!("SMS gateway answered {status}")));
+            }
+            if !status.is_success() {
+                let body = response.text().await.unwrap_or_default();
+                return Err(ChannelError::Permanent(format!("SMS gateway refused the message ({status}): {body}")));
+            }
+            let accepted: SendResponse = response
+                .json()
+                .await
+                .map_err(|e| ChannelError::Transient(format!("SMS gateway answer unreadable: {e}")))?;
+            Ok(Sent {
+                event: Event::ConsignmentNotification,
+                details: serde_json::json!({
+                    "provider": self.provider,
+                    "provider_message_id": accepted.id,
+                    "to": to,
+                    "segments": segments,
+                    "encoding": encoding,
+                }),
+                provider_ref: Some(accepted.id),
+                segments,
+            })
+        })
+    }
+
+    fn record<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        job: &'a Job,
+        sent: &'a Sent,
+    ) -> BoxFuture<'a, Result<bool, ChannelError>> {
+        Box::pin(async move {
+            let inserted = sqlx::query(
+                "insert into sms_message (attempt_id, item_id, provider, provider_id, segments)
+                 values ($1, $2, $3, $4, $5) on conflict do nothing",
+            )
+            .bind(job.attempt_id)
+            .bind(job.item.item_id)
+            .bind(&self.provider)
+            .bind(sent.provider_ref.as_deref().unwrap_or_default())
+            .bind(sent.segments.unwrap_or(0))
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            Ok(inserted == 1)
+        })
+    }
+}
