@@ -294,6 +294,38 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_sms_notice_fits_three_segments_with_a_real_court_name() {
+        let t = Templates::load(Path::new("templates")).unwrap();
+        let names = [
+            (Language::UzLatn, "Toshkent shahar Yunusobod tumanlararo fuqarolik ishlari sudi"),
+            (Language::UzCyrl, "Тошкент шаҳар Юнусобод туманлараро фуқаролик ишлари суди"),
+            (Language::Ru, "Юнусабадский межрайонный суд по гражданским делам г. Ташкента"),
+            (Language::En, "Yunusobod Inter-District Civil Court of Tashkent"),
+        ];
+        for (name, m) in t.manifests() {
+            let vars: Map<String, Value> = m.variables.keys().map(|k| (k.clone(), Value::String("x".into()))).collect();
+            for (lang, agency) in names {
+                let mut c = ctx();
+                c.agency.name = agency.into();
+                c.item.inbox_url = format!("https://my.dalil.uz/inbox/{}", c.item.id);
+                let r = t.render(name, lang, m.kinds[0], &vars, &c).unwrap();
+                let sms = crate::sms::encode(r.sms.as_deref().expect("every template has an SMS notice"));
+                println!(
+                    "{name} {}: {} segment(s), {}, {} units",
+                    lang.as_str(),
+                    sms.segments,
+                    sms.encoding.as_str(),
+                    sms.units
+                );
+                assert!(sms.segments <= 3, "{name} {lang:?} takes {} segments", sms.segments);
+                if matches!(lang, Language::UzLatn | Language::En) {
+                    assert_eq!(sms.encoding, crate::sms::Encoding::Gsm7, "{name} {lang:?} should stay GSM-7");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn uzbek_latin_templates_use_the_proper_apostrophes() {
         for entry in std::fs::read_dir("templates").unwrap() {
             let dir = entry.unwrap().path();

@@ -27,11 +27,13 @@ pub struct Options {
     pub amqp_url: Option<String>,
     /// The SMTP server email notices go to (host, port).
     pub smtp: Option<(String, u16)>,
+    /// Any other change to the settings.
+    pub tweak: fn(&mut Settings),
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { roles: Roles::ALL, amqp_url: None, smtp: None }
+        Options { roles: Roles::ALL, amqp_url: None, smtp: None, tweak: |_| {} }
     }
 }
 
@@ -123,6 +125,7 @@ impl TestApp {
             settings.email.smtp_host = host.clone();
             settings.email.smtp_port = *port;
         }
+        (options.tweak)(&mut settings);
         dalil::db::migrate(&settings).await.expect("migrations");
         // The topology is declared straight on the broker, whatever the app goes through.
         app::declare_topology(&settings).await.expect("topology");

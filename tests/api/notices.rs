@@ -229,3 +229,33 @@ async fn poison_messages_go_to_the_dead_queue_and_can_be_listed_and_replayed() {
     let replayed = dalil::admin::dead_letters_replay(&settings, 10).await.unwrap();
     assert_eq!(replayed["replayed"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_is_dkim_signed_when_a_key_is_configured() {
+    let key = std::env::temp_dir().join("dalil-test-dkim.pem");
+    if !key.exists() {
+        let out = std::process::Command::new("openssl")
+            .args(["genrsa", "-traditional", "-out"])
+            .arg(&key)
+            .arg("2048")
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let smtp = SmtpServer::start();
+    let app = TestApp::spawn_with(Options {
+        smtp: Some(("127.0.0.1".into(), smtp.port)),
+        tweak: |s| {
+            s.email.dkim_domain = "dalil.local".into();
+            s.email.dkim_selector = "mail2026".into();
+            s.email.dkim_private_key_file = std::env::temp_dir().join("dalil-test-dkim.pem").display().to_string();
+        },
+        ..Default::default()
+    })
+    .await;
+    let key = app.agency("court-dkim").await;
+    let (pinfl, _) = app.citizen_with("3120588010042", None, Some("malika@example.uz")).await;
+    submit(&app, &key, pinfl.as_str(), "d-1").await;
+    let mail = &smtp.wait_for(1)[0];
+    assert_eq!(mail["dkim"], true, "{mail}");
+}
