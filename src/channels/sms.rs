@@ -160,3 +160,22 @@ impl Channel for Sms {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sends_are_spaced_to_the_providers_rate() {
+        let mut settings = Settings::from_sources(include_str!("../../config/default.toml"), Vec::new()).unwrap();
+        settings.sms.rate_per_second = 20;
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
+        let sms = Sms::new(&settings, pool).unwrap();
+        let started = Instant::now();
+        for _ in 0..11 {
+            sms.wait_for_slot().await;
+        }
+        // Eleven sends at 20/s: the last may go no earlier than 500 ms after the first.
+        assert!(started.elapsed() >= Duration::from_millis(495), "{:?}", started.elapsed());
+    }
+}
