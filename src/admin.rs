@@ -354,3 +354,54 @@ pub async fn dead_letters_replay(settings: &Settings, limit: usize) -> anyhow::R
     let _ = conn.close(200, "replayed".into()).await;
     Ok(json!({ "replayed": replayed }))
 }
+
+/// A postal operator, the regions it covers, and its first API key (shown once).
+pub async fn postal_operator_create(
+    pool: &PgPool,
+    code: &str,
+    name: &str,
+    regions: &[String],
+) -> anyhow::Result<Value> {
+    let code = code.trim().to_ascii_lowercase();
+    if code.len() < 2 || code.len() > 63 || !code.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        bail!("--code: 2 to 63 letters, digits or dashes, e.g. uzpost-tashkent");
+    }
+    if name.trim().is_empty() {
+        bail!("--name: required");
+    }
+    let mut codes = Vec::new();
+    for r in regions.iter().flat_map(|r| r.split(',')).map(|r| r.trim().to_ascii_uppercase()).filter(|r| !r.is_empty())
+    {
+        if !crate::domain::REGIONS.iter().any(|(c, _)| *c == r) {
+            bail!("--regions: {r} is not a region code of Uzbekistan (UZ-TK, UZ-SA, …)");
+        }
+        codes.push(r);
+    }
+    if codes.is_empty() {
+        bail!("--regions: at least one region code, e.g. UZ-TK,UZ-TO");
+    }
+    let id = Uuid::now_v7();
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
+        "insert into postal_operator (id, code, name, regions) values ($1, $2, $3, $4) on conflict do nothing",
+    )
+    .bind(id)
+    .bind(&code)
+    .bind(name.trim())
+    .bind(&codes)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        bail!("a postal operator with code {code} exists already");
+    }
+    let (secret, prefix, hash) = crate::api::auth::new_key(crate::api::auth::OPERATOR_KEY_PREFIX);
+    sqlx::query("insert into operator_key (id, operator_id, prefix, key_hash) values ($1, $2, $3, $4)")
+        .bind(Uuid::now_v7())
+        .bind(id)
+        .bind(&prefix)
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(json!({ "id": id, "code": code, "name": name.trim(), "regions": codes, "key": secret }))
+}

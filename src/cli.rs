@@ -117,6 +117,11 @@ pub enum AdminCommand {
     },
     /// Signs a checkpoint of the evidence log now.
     Checkpoint,
+    /// Postal operators (hybrid mail).
+    PostalOperator {
+        #[command(subcommand)]
+        command: PostalOperatorCommand,
+    },
     /// Messages that could not be processed, in the dead queue.
     DeadLetters {
         #[command(subcommand)]
@@ -128,6 +133,20 @@ pub enum AdminCommand {
         /// Validity in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PostalOperatorCommand {
+    /// Creates an operator with the regions it delivers in, and its API key (shown once).
+    Create {
+        #[arg(long)]
+        code: String,
+        #[arg(long)]
+        name: String,
+        /// ISO 3166-2 region codes, comma-separated, e.g. UZ-TK,UZ-TO.
+        #[arg(long)]
+        regions: Vec<String>,
     },
 }
 
@@ -408,6 +427,9 @@ async fn admin_command(command: AdminCommand, settings: &Settings) -> anyhow::Re
         }
         AdminCommand::SigningKey { command: SigningKeyCommand::List } => {
             serde_json::to_value(crate::log::published_keys(&mut *pool.acquire().await?).await?)?
+        }
+        AdminCommand::PostalOperator { command: PostalOperatorCommand::Create { code, name, regions } } => {
+            admin::postal_operator_create(&pool, &code, &name, &regions).await?
         }
         AdminCommand::Checkpoint => {
             let signer = crate::log::load_signer(&pool, &settings.log)

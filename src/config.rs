@@ -31,6 +31,7 @@ pub struct Settings {
     pub scheduler: SchedulerSettings,
     pub sms: SmsSettings,
     pub email: EmailSettings,
+    pub postal: PostalSettings,
     /// Not in the file: tests set it so that their queues disappear when unused.
     #[serde(default)]
     pub queue_expires_ms: Option<u32>,
@@ -108,9 +109,15 @@ pub struct EmailSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+pub struct PostalSettings {
+    pub unconfirmed_after_days: i32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 pub struct SchedulerSettings {
     pub checkpoint: String,
     pub log_monitor: String,
+    pub unconfirmed_letters: String,
 }
 
 impl Settings {
@@ -153,7 +160,11 @@ impl Settings {
         if self.worker.concurrency == 0 || self.worker.prefetch == 0 {
             bail!("worker.concurrency and worker.prefetch must be at least 1");
         }
-        for (name, expr) in [("checkpoint", &self.scheduler.checkpoint), ("log_monitor", &self.scheduler.log_monitor)] {
+        for (name, expr) in [
+            ("checkpoint", &self.scheduler.checkpoint),
+            ("log_monitor", &self.scheduler.log_monitor),
+            ("unconfirmed_letters", &self.scheduler.unconfirmed_letters),
+        ] {
             if let Err(e) = expr.parse::<cron::Schedule>() {
                 bail!("scheduler.{name}: not a cron expression with seconds ({e})");
             }

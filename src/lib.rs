@@ -26,6 +26,7 @@ pub mod db;
 pub mod domain;
 pub mod evidence;
 pub mod identity;
+pub mod letter;
 pub mod log;
 pub mod merkle;
 pub mod note;

@@ -14,6 +14,30 @@ use crate::domain::Kind;
 #[derive(Debug, Clone, Deserialize)]
 pub struct Step {
     pub channel: String,
+    /// When the step applies; by default always.
+    #[serde(default)]
+    pub when: When,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    #[default]
+    Always,
+    /// Only for recipients who consented to digital delivery.
+    DigitalConsent,
+    /// Only for recipients who did not: they get paper.
+    NoDigitalConsent,
+}
+
+impl Step {
+    pub fn applies(&self, digital_consent: bool) -> bool {
+        match self.when {
+            When::Always => true,
+            When::DigitalConsent => digital_consent,
+            When::NoDigitalConsent => !digital_consent,
+        }
+    }
 }
 
 /// Events that serve an item.
@@ -22,12 +46,18 @@ pub struct Step {
 pub enum ServiceRule {
     /// The recipient opened the item in the portal inbox.
     Accessed,
+    /// The postman handed the letter to the addressee (or someone entitled to take it).
+    PostalHandover,
+    /// The addressee refused the letter at the door.
+    Refused,
 }
 
 impl ServiceRule {
     pub fn as_str(self) -> &'static str {
         match self {
             ServiceRule::Accessed => "accessed",
+            ServiceRule::PostalHandover => "postal_handover",
+            ServiceRule::Refused => "refused",
         }
     }
 }

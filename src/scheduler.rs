@@ -17,10 +17,15 @@ use crate::log;
 enum Job {
     Checkpoint,
     LogMonitor,
+    UnconfirmedLetters,
 }
 
 pub async fn run(pool: PgPool, settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
-    let jobs = [(Job::Checkpoint, &settings.scheduler.checkpoint), (Job::LogMonitor, &settings.scheduler.log_monitor)];
+    let jobs = [
+        (Job::Checkpoint, &settings.scheduler.checkpoint),
+        (Job::LogMonitor, &settings.scheduler.log_monitor),
+        (Job::UnconfirmedLetters, &settings.scheduler.unconfirmed_letters),
+    ];
     let mut tasks = tokio::task::JoinSet::new();
     for (job, expr) in jobs {
         let schedule = Schedule::from_str(expr).map_err(|e| anyhow::anyhow!("scheduler: {job:?}: {e}"))?;
@@ -54,6 +59,16 @@ async fn run_job(job: Job, pool: &PgPool, settings: &Settings) -> anyhow::Result
             let latest = log::latest_checkpoint(&mut *pool.acquire().await?).await?;
             if latest.is_none_or(|cp| cp.size < head || cp.key_id != signer.key_id) {
                 log::sign_checkpoint(pool, &signer).await?;
+            }
+        }
+        Job::UnconfirmedLetters => {
+            let n = crate::api::postal::flag_unconfirmed(pool, settings.postal.unconfirmed_after_days).await?;
+            if n > 0 {
+                tracing::warn!(
+                    letters = n,
+                    days = settings.postal.unconfirmed_after_days,
+                    "letters not confirmed by their operator"
+                );
             }
         }
         Job::LogMonitor => {

@@ -110,8 +110,8 @@ async fn process_attempt(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid)
         .bind(job.step_id)
         .execute(&mut *tx)
         .await?;
-    if fresh {
-        if sent.event == Event::ContentConsignment {
+    if let (true, Some(event)) = (fresh, sent.event) {
+        if event == Event::ContentConsignment {
             sqlx::query(
                 "update item set status = 'consigned', updated_at = now() where id = $1 and status = 'accepted'",
             )
@@ -125,7 +125,7 @@ async fn process_attempt(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid)
             &mut tx,
             &job.item,
             vec![NewEvidence {
-                event: sent.event,
+                event,
                 at: evidence::now(),
                 actor: Actor::Platform(format!("channel:{}", channel.name())),
                 channel: Some(channel.name().into()),

@@ -12,13 +12,19 @@ use super::{ApiError, AppState};
 use crate::domain::Pinfl;
 
 pub const KEY_PREFIX: &str = "dalil_";
+pub const OPERATOR_KEY_PREFIX: &str = "dalilop_";
 
 /// A new API key: (the secret to show once, its display prefix, its hash to store).
 pub fn new_api_key() -> (String, String, Vec<u8>) {
+    new_key(KEY_PREFIX)
+}
+
+/// A new key with the given prefix (agencies `dalil_`, postal operators `dalilop_`).
+pub fn new_key(kind: &str) -> (String, String, Vec<u8>) {
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let secret = format!("{KEY_PREFIX}{}", hex::encode(bytes));
-    let prefix = secret[..KEY_PREFIX.len() + 8].to_string();
+    let secret = format!("{kind}{}", hex::encode(bytes));
+    let prefix = secret[..kind.len() + 8].to_string();
     let hash = Sha256::digest(secret.as_bytes()).to_vec();
     (secret, prefix, hash)
 }
@@ -80,5 +86,36 @@ impl FromRequestParts<AppState> for Citizen {
         let token = bearer(parts)?;
         let pinfl = state.identity.verify(token, chrono::Utc::now().timestamp()).map_err(ApiError::Unauthorized)?;
         Ok(Citizen { pinfl })
+    }
+}
+
+/// A postal operator behind a valid operator key.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub id: Uuid,
+    pub code: String,
+}
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let key = bearer(parts)?;
+        let denied = || ApiError::Unauthorized("the operator key is unknown or revoked".into());
+        if !key.starts_with(OPERATOR_KEY_PREFIX) || key.len() > 200 {
+            return Err(denied());
+        }
+        let hash = Sha256::digest(key.as_bytes()).to_vec();
+        let row: Option<(Uuid, String, Vec<u8>)> = sqlx::query_as(
+            "select o.id, o.code, k.key_hash from operator_key k join postal_operator o on o.id = k.operator_id
+             where k.key_hash = $1 and k.revoked_at is null",
+        )
+        .bind(&hash)
+        .fetch_optional(&state.pool)
+        .await?;
+        match row {
+            Some((id, code, stored)) if bool::from(stored.ct_eq(&hash)) => Ok(Operator { id, code }),
+            _ => Err(denied()),
+        }
     }
 }

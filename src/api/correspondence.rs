@@ -235,12 +235,14 @@ pub async fn submit(
         });
     }
 
-    let recipient: Option<(Uuid, String, Option<String>, Option<String>)> =
-        sqlx::query_as(&format!("select id, name, phone, email from recipient where {} = $1", p.recipient.scheme()))
-            .bind(p.recipient.value())
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some((recipient_id, recipient_name, phone, email)) = recipient else {
+    let recipient: Option<RecipientRow> = sqlx::query_as(&format!(
+        "select id, name, phone, email, digital_consent from recipient where {} = $1",
+        p.recipient.scheme()
+    ))
+    .bind(p.recipient.value())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(RecipientRow { id: recipient_id, name: recipient_name, phone, email, digital_consent }) = recipient else {
         return Err(ApiError::invalid(
             format!("recipient.{}", p.recipient.scheme()),
             "no recipient is registered with this identifier",
@@ -269,7 +271,7 @@ pub async fn submit(
     // without a contact point on record is skipped, and the reason kept.
     let mut notices: Vec<Notice> = Vec::new();
     let mut skipped = serde_json::Map::new();
-    for step in &policy.steps {
+    for step in policy.steps.iter().filter(|s| s.applies(digital_consent)) {
         match step.channel.as_str() {
             "sms" => match (&phone, &rendered.sms) {
                 (Some(phone), Some(text)) => {
@@ -364,7 +366,8 @@ pub async fn submit(
     let active: Vec<&crate::policy::Step> = policy
         .steps
         .iter()
-        .filter(|s| s.channel == "inbox" || notices.iter().any(|n| n.channel == s.channel))
+        .filter(|s| s.applies(digital_consent))
+        .filter(|s| matches!(s.channel.as_str(), "inbox" | "postal") || notices.iter().any(|n| n.channel == s.channel))
         .collect();
     for step in active {
         let step_id = Uuid::now_v7();
@@ -529,7 +532,20 @@ pub struct ItemView {
     pub policy: PolicyRef,
     pub served: Option<Served>,
     pub steps: Vec<StepView>,
+    /// The paper letter, when the policy sent one.
+    pub letter: Option<LetterView>,
     pub evidence: Vec<StoredEvidence>,
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct LetterView {
+    pub operator: String,
+    /// ready, claimed, printed, out_for_delivery, held_at_office, delivered, refused, undeliverable
+    pub status: String,
+    pub pdf_sha256: String,
+    pub claimed_at: Option<DateTime<Utc>>,
+    /// Set when the operator has not confirmed the letter in time.
+    pub unconfirmed_flagged_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -604,6 +620,13 @@ pub async fn get_one(
             attempts: attempts.iter().filter(|a| a.step_id == step_id).cloned().collect(),
         })
         .collect();
+    let letter: Option<LetterView> = sqlx::query_as(
+        "select o.code as operator, l.status, l.pdf_sha256, l.claimed_at, l.unconfirmed_flagged_at
+         from letter l join postal_operator o on o.id = l.operator_id where l.item_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
     let evidence = evidence::for_item(&mut conn, id).await?;
     let recipient = crate::domain::recipient_json(row.pinfl.as_deref(), row.tin.as_deref());
     Ok(Json(ItemView {
@@ -626,6 +649,7 @@ pub async fn get_one(
             evidence: row.served_evidence,
         }),
         steps,
+        letter,
         evidence,
     }))
 }
@@ -676,7 +700,8 @@ pub struct ListPage {
     pub next_cursor: Option<String>,
 }
 
-const STATUSES: [&str; 5] = ["accepted", "consigned", "opened", "served", "failed"];
+const STATUSES: [&str; 8] =
+    ["accepted", "consigned", "opened", "served", "failed", "delivered", "refused", "undeliverable"];
 
 fn parse_time(field: &str, v: &Option<String>) -> ApiResult<Option<DateTime<Utc>>> {
     v.as_deref()
@@ -756,6 +781,15 @@ pub async fn list(
     security(("agency_key" = [])))]
 pub async fn templates(State(state): State<AppState>, _agency: Agency) -> Json<BTreeMap<String, templates::Manifest>> {
     Json(state.templates.manifests().clone())
+}
+
+#[derive(sqlx::FromRow)]
+struct RecipientRow {
+    id: Uuid,
+    name: String,
+    phone: Option<String>,
+    email: Option<String>,
+    digital_consent: bool,
 }
 
 /// A notice fixed at submission.

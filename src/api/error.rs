@@ -47,6 +47,34 @@ impl From<FieldError> for ApiError {
 }
 
 impl ApiError {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode as S;
+        match self {
+            ApiError::BadRequest { .. } => S::BAD_REQUEST,
+            ApiError::Invalid(_) => S::UNPROCESSABLE_ENTITY,
+            ApiError::Unauthorized(_) => S::UNAUTHORIZED,
+            ApiError::NotFound => S::NOT_FOUND,
+            ApiError::Conflict { .. } => S::CONFLICT,
+            ApiError::TooLarge(_) => S::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => S::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::MethodNotAllowed => S::METHOD_NOT_ALLOWED,
+            ApiError::Unavailable(_) => S::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => S::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// What went wrong, for a per-row report: `field: message` for a bad field.
+    pub fn detail(&self) -> String {
+        match self {
+            ApiError::Invalid(e) => format!("{}: {}", e.field, e.message),
+            ApiError::BadRequest { detail, .. } | ApiError::Conflict { detail, .. } => detail.clone(),
+            ApiError::NotFound => "no such letter of this operator".into(),
+            ApiError::Internal(_) => "internal error; nothing was changed".into(),
+            other => other.to_string(),
+        }
+    }
+
     pub fn bad_request(field: impl Into<String>, detail: impl Into<String>) -> Self {
         ApiError::BadRequest { field: Some(field.into()), detail: detail.into() }
     }

@@ -191,10 +191,12 @@ pub async fn verify(State(state): State<AppState>, body: JsonBody<Bundle>) -> Ap
 pub async fn metrics(
     State(state): State<AppState>,
 ) -> ApiResult<([(axum::http::HeaderName, &'static str); 1], String)> {
-    let row: (i64, i64, i64, Option<i64>, i64, i64) = sqlx::query_as(
+    let row: (i64, i64, i64, Option<i64>, i64, i64, i64) = sqlx::query_as(
         "select (select size from evidence_log_head), (select integrated_size from log_state),
                 (select monitored_size from log_state), (select max(size) from checkpoint),
-                (select count(*) from log_alarm), (select count(*) from outbox where published_at is null)",
+                (select count(*) from log_alarm), (select count(*) from outbox where published_at is null),
+                (select count(*) from letter where unconfirmed_flagged_at is not null
+                   and status in ('claimed', 'printed', 'out_for_delivery', 'held_at_office'))",
     )
     .fetch_one(&state.pool)
     .await?;
@@ -204,13 +206,15 @@ pub async fn metrics(
          # HELP dalil_log_monitored_size Largest checkpoint re-verified by the monitor.\n# TYPE dalil_log_monitored_size gauge\ndalil_log_monitored_size {}\n\
          # HELP dalil_log_checkpoint_size Size of the newest signed checkpoint.\n# TYPE dalil_log_checkpoint_size gauge\ndalil_log_checkpoint_size {}\n\
          # HELP dalil_log_consistency_alarms_total Inconsistencies the log monitor found.\n# TYPE dalil_log_consistency_alarms_total counter\ndalil_log_consistency_alarms_total {}\n\
-         # HELP dalil_outbox_unpublished Outbox rows not yet confirmed by RabbitMQ.\n# TYPE dalil_outbox_unpublished gauge\ndalil_outbox_unpublished {}\n",
+         # HELP dalil_outbox_unpublished Outbox rows not yet confirmed by RabbitMQ.\n# TYPE dalil_outbox_unpublished gauge\ndalil_outbox_unpublished {}\n\
+         # HELP dalil_postal_unconfirmed_letters Letters claimed by an operator and not confirmed in time.\n# TYPE dalil_postal_unconfirmed_letters gauge\ndalil_postal_unconfirmed_letters {}\n",
         row.0,
         row.1,
         row.2,
         row.3.unwrap_or(0),
         row.4,
-        row.5
+        row.5,
+        row.6
     );
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }

@@ -8,6 +8,7 @@ pub mod health;
 pub mod inbox;
 pub mod log;
 pub mod openapi;
+pub mod postal;
 pub mod providers;
 
 use std::sync::Arc;
@@ -53,6 +54,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/log/keys", get(log::keys))
         .route("/v1/verify", post(log::verify))
         .route("/v1/providers/sms/{provider}/reports", post(providers::sms_report))
+        .route("/v1/postal/batches", post(postal::claim))
+        .route("/v1/postal/letters/{file}", get(postal::pdf))
+        .route("/v1/postal/letters/{id}/events", post(postal::event))
+        .route("/v1/postal/events", post(postal::bulk))
         .route("/metrics", get(log::metrics))
         .route("/v1/templates", get(correspondence::templates))
         .route("/v1/inbox", get(inbox::list))

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{correspondence, error, health, inbox, log, providers};
+use super::{correspondence, error, health, inbox, log, postal, providers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,6 +16,7 @@ use super::{correspondence, error, health, inbox, log, providers};
         log::latest, log::at_size, log::inclusion, log::consistency, log::keys,
         log::agency_bundle, log::citizen_bundle, log::verify,
         providers::sms_report,
+        postal::claim, postal::pdf, postal::event, postal::bulk,
     ),
     components(schemas(error::Problem)),
     modifiers(&Security),
@@ -23,6 +24,7 @@ use super::{correspondence, error, health, inbox, log, providers};
         (name = "agency", description = "Agencies send correspondence and follow it (API key)."),
         (name = "citizen", description = "Citizens read their inbox (identity-provider token)."),
         (name = "log", description = "The evidence log: checkpoints, proofs, keys, verification (public)."),
+        (name = "postal", description = "Postal operators: claim letters, fetch PDFs, report handover (operator key)."),
         (name = "providers", description = "Callbacks from SMS gateways (shared secret)."),
         (name = "operations", description = "Health and readiness."),
     )
@@ -40,6 +42,15 @@ impl Modify for Security {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some("An agency API key (dalil_…)"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "operator_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("A postal operator key (dalilop_…)"))
                     .build(),
             ),
         );

@@ -96,7 +96,7 @@ impl Channel for Email {
                 Ok(Err(e)) if e.is_permanent() => Err(ChannelError::Permanent(format!("SMTP refused: {e}"))),
                 Ok(Err(e)) => Err(ChannelError::Transient(format!("SMTP: {e}"))),
                 Ok(Ok(response)) => Ok(Sent {
-                    event: Event::ConsignmentNotification,
+                    event: Some(Event::ConsignmentNotification),
                     details: serde_json::json!({
                         "to": to,
                         "message_id": message_id,
@@ -104,6 +104,7 @@ impl Channel for Email {
                     }),
                     provider_ref: Some(message_id),
                     segments: None,
+                    document: None,
                 }),
             }
         })

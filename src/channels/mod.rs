@@ -11,10 +11,11 @@ use crate::evidence::{Event, ItemContext};
 
 pub mod email;
 pub mod inbox;
+pub mod postal;
 pub mod sms;
 
 /// Channels a policy may name.
-pub const KNOWN_CHANNELS: &[&str] = &["inbox", "sms", "email"];
+pub const KNOWN_CHANNELS: &[&str] = &["inbox", "sms", "email", "postal"];
 
 /// One attempt to deliver, as the worker loaded it.
 #[derive(Debug, Clone)]
@@ -25,19 +26,22 @@ pub struct Job {
     pub item: ItemContext,
 }
 
-/// What a channel did, to be recorded as evidence.
+/// What a channel did, to be recorded as evidence (when there is an event to record: a letter
+/// made ready for the postal operator is recorded only when the operator takes it).
 #[derive(Debug, Clone)]
 pub struct Sent {
-    pub event: Event,
+    pub event: Option<Event>,
     pub details: Value,
     /// The provider's id for what it accepted (SMS message id, email Message-ID).
     pub provider_ref: Option<String>,
     pub segments: Option<i32>,
+    /// A document the channel produced for the record (the letter's PDF).
+    pub document: Option<Vec<u8>>,
 }
 
 impl Sent {
     pub fn event(event: Event, details: Value) -> Sent {
-        Sent { event, details, provider_ref: None, segments: None }
+        Sent { event: Some(event), details, provider_ref: None, segments: None, document: None }
     }
 }
 
@@ -82,6 +86,7 @@ pub fn build(name: &str, settings: &Settings, pool: &PgPool) -> anyhow::Result<B
         "inbox" => Box::new(inbox::Inbox),
         "sms" => Box::new(sms::Sms::new(settings, pool.clone())?),
         "email" => Box::new(email::Email::new(settings, pool.clone())?),
+        "postal" => Box::new(postal::Postal::new(settings, pool.clone())),
         other => anyhow::bail!("unknown channel {other:?}; known: {}", KNOWN_CHANNELS.join(", ")),
     })
 }

@@ -123,7 +123,7 @@ impl Channel for Sms {
                 .await
                 .map_err(|e| ChannelError::Transient(format!("SMS gateway answer unreadable: {e}")))?;
             Ok(Sent {
-                event: Event::ConsignmentNotification,
+                event: Some(Event::ConsignmentNotification),
                 details: serde_json::json!({
                     "provider": self.provider,
                     "provider_message_id": accepted.id,
@@ -133,6 +133,7 @@ impl Channel for Sms {
                 }),
                 provider_ref: Some(accepted.id),
                 segments,
+                document: None,
             })
         })
     }

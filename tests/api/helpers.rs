@@ -139,7 +139,7 @@ impl TestApp {
         let app = App::build(settings.clone()).await.expect("app builds");
         let address = format!("http://127.0.0.1:{}", app.port());
         let pool = app.pool.clone();
-        let channels = vec!["inbox".into(), "sms".into(), "email".into()];
+        let channels = vec!["inbox".into(), "sms".into(), "email".into(), "postal".into()];
         let handle = tokio::spawn(app.run_until_stopped(options.roles, channels, cancel.clone()));
         TestApp {
             address,

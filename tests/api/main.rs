@@ -7,6 +7,7 @@ mod helpers;
 mod idempotency;
 mod notices;
 mod operations;
+mod postal;
 mod proof;
 mod smtp;
 mod submission;
