@@ -204,7 +204,9 @@ async fn after_a_key_rotation_old_checkpoints_still_verify() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_monitor_raises_an_alarm_when_the_log_is_rewritten() {
-    let app = TestApp::spawn().await;
+    // No scheduler of its own: the test runs the jobs itself, in the order it needs.
+    let roles = dalil::app::Roles { scheduler: false, ..dalil::app::Roles::ALL };
+    let app = TestApp::spawn_with(crate::helpers::Options { roles, ..Default::default() }).await;
     let key = app.agency("court-monitor").await;
     let (pinfl, token) = app.citizen("3120588010035").await;
     served_item(&app, &key, pinfl.as_str(), &token, "m-1").await;
