@@ -247,6 +247,72 @@ pub fn render(input: &LetterInput) -> anyhow::Result<Vec<u8>> {
     doc.save_to_bytes().context("writing the PDF")
 }
 
+/// Appends the pages of PDF attachments after the letter's own, in order. An attachment that is
+/// not a readable PDF is an error naming it: a letter is never printed without what it encloses.
+pub fn append_pdfs(letter: Vec<u8>, attachments: &[(String, Vec<u8>)]) -> anyhow::Result<Vec<u8>> {
+    use lopdf::{Document, Object, ObjectId};
+    if attachments.is_empty() {
+        return Ok(letter);
+    }
+    let mut docs = vec![Document::load_mem(&letter).context("reading the rendered letter")?];
+    for (name, bytes) in attachments {
+        docs.push(Document::load_mem(bytes).with_context(|| format!("attachment {name} is not a readable PDF"))?);
+    }
+    let mut max_id = 1;
+    let mut pages: Vec<(ObjectId, Object)> = Vec::new();
+    let mut objects = std::collections::BTreeMap::new();
+    for mut doc in docs {
+        doc.renumber_objects_with(max_id);
+        max_id = doc.max_id + 1;
+        for (_, id) in doc.get_pages() {
+            pages.push((id, doc.get_object(id)?.to_owned()));
+        }
+        objects.extend(doc.objects);
+    }
+    let mut merged = Document::with_version("1.5");
+    let mut catalog: Option<(ObjectId, Object)> = None;
+    let mut root_pages: Option<(ObjectId, lopdf::Dictionary)> = None;
+    for (id, object) in &objects {
+        match object.type_name().unwrap_or("") {
+            "Catalog" => {
+                if catalog.is_none() {
+                    catalog = Some((*id, object.clone()));
+                }
+            }
+            "Pages" => {
+                if root_pages.is_none() {
+                    root_pages = Some((*id, object.as_dict()?.clone()));
+                }
+            }
+            "Page" | "Outlines" | "Outline" => {}
+            _ => {
+                merged.objects.insert(*id, object.clone());
+            }
+        }
+    }
+    let (catalog_id, catalog) = catalog.context("the letter has no catalog")?;
+    let (pages_id, mut pages_dict) = root_pages.context("the letter has no page tree")?;
+    for (id, page) in &pages {
+        let mut dict = page.as_dict()?.clone();
+        dict.set("Parent", pages_id);
+        merged.objects.insert(*id, Object::Dictionary(dict));
+    }
+    pages_dict.set("Count", pages.len() as u32);
+    pages_dict.set("Kids", pages.iter().map(|(id, _)| Object::Reference(*id)).collect::<Vec<_>>());
+    merged.objects.insert(pages_id, Object::Dictionary(pages_dict));
+    let mut catalog = catalog.as_dict()?.clone();
+    catalog.set("Pages", pages_id);
+    catalog.remove(b"Outlines");
+    merged.objects.insert(catalog_id, Object::Dictionary(catalog));
+    merged.trailer.set("Root", catalog_id);
+    merged.max_id = merged.objects.len() as u32;
+    merged.renumber_objects();
+    merged.compress();
+    let mut out = Vec::new();
+    merged.save_to(&mut out).context("writing the merged PDF")?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,5 +368,11 @@ mod tests {
         if let Ok(path) = std::env::var("DALIL_WRITE_SAMPLE_LETTER") {
             std::fs::write(path, &pdf).unwrap();
         }
+        // Appending a PDF attachment adds its pages after the letter's.
+        let letter_pages = lopdf::Document::load_mem(&pdf).unwrap().get_pages().len();
+        let merged = append_pdfs(pdf.clone(), &[("enclosure.pdf".into(), pdf.clone())]).unwrap();
+        assert_eq!(lopdf::Document::load_mem(&merged).unwrap().get_pages().len(), 2 * letter_pages);
+        let err = append_pdfs(pdf, &[("broken.pdf".into(), b"%PDF-1.4 nonsense".to_vec())]).unwrap_err();
+        assert!(format!("{err:#}").contains("broken.pdf"));
     }
 }

@@ -54,9 +54,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match run_connected(&pool, &settings, &topology, &cancel).await {
+        let mut connected = false;
+        match run_connected(&pool, &settings, &topology, &cancel, &mut connected).await {
             Ok(()) => return Ok(()),
             Err(e) => {
+                if connected {
+                    backoff = Duration::from_millis(200);
+                }
                 tracing::warn!(error = format!("{e:#}"), "relay: connection lost, reconnecting in {backoff:?}");
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
@@ -73,6 +77,7 @@ async fn run_connected(
     settings: &Settings,
     topology: &Topology,
     cancel: &CancellationToken,
+    connected: &mut bool,
 ) -> anyhow::Result<()> {
     let conn = queue::connect(settings.amqp_url.expose_secret(), "dalil-relay").await?;
     let ch = conn.create_channel().await?;
@@ -81,6 +86,7 @@ async fn run_connected(
     listener.listen(NOTIFY_CHANNEL).await?;
     let poll = Duration::from_millis(settings.relay.poll_interval_ms);
     tracing::info!("relay: publishing outbox rows");
+    *connected = true;
     loop {
         if cancel.is_cancelled() {
             let _ = conn.close(200, ShortString::from("shutdown")).await;

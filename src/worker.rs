@@ -213,9 +213,14 @@ pub async fn run(
         tasks.push(tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
-                match consume(&pool, &settings, &topology, &queue, channel.clone(), &cancel).await {
+                let mut connected = false;
+                match consume(&pool, &settings, &topology, &queue, channel.clone(), &cancel, &mut connected).await {
                     Ok(()) => return,
                     Err(e) => {
+                        if connected {
+                            // It worked until now: start the backoff over.
+                            backoff = Duration::from_millis(200);
+                        }
                         tracing::warn!(
                             queue,
                             error = format!("{e:#}"),
@@ -244,6 +249,7 @@ async fn consume(
     queue_name: &str,
     channel: Arc<dyn Channel>,
     cancel: &CancellationToken,
+    connected: &mut bool,
 ) -> anyhow::Result<()> {
     let conn = queue::connect(settings.amqp_url.expose_secret(), &format!("dalil-worker-{}", channel.name())).await?;
     let amqp = conn.create_channel().await?;
@@ -258,6 +264,7 @@ async fn consume(
         )
         .await?;
     tracing::info!(queue = queue_name, "worker: consuming");
+    *connected = true;
     let limit = Arc::new(Semaphore::new(settings.worker.concurrency));
     let ladder = topology.retry_ladder();
     let result = loop {

@@ -146,6 +146,10 @@ fn prepare(req: SubmitRequest) -> Result<Prepared, ApiError> {
         if total > MAX_ATTACHMENT_BYTES {
             return Err(ApiError::TooLarge(format!("attachments add up to more than {MAX_ATTACHMENT_BYTES} bytes")));
         }
+        // A PDF may be printed and enclosed with a paper letter: it must be one.
+        if ct == "application/pdf" && lopdf::Document::load_mem(&data).is_err() {
+            return Err(ApiError::invalid(field("content"), "not a readable PDF"));
+        }
         let digest = AttachmentDigest {
             n: i as i32,
             name,

@@ -78,10 +78,18 @@ impl Channel for Postal {
                 verify_url: format!("{}/verify/{}", self.public_url, job.item.item_id),
             };
             let lines = letter::address_lines(&src.recipient_name, &address);
-            let pdf = tokio::task::spawn_blocking(move || letter::render(&input))
-                .await
-                .map_err(|e| ChannelError::Transient(format!("rendering the letter: {e}")))?
-                .map_err(|e| ChannelError::Permanent(format!("rendering the letter: {e:#}")))?;
+            let enclosures: Vec<(String, Vec<u8>)> = sqlx::query_as(
+                "select name, data from attachment where item_id = $1 and content_type = 'application/pdf' order by n",
+            )
+            .bind(job.item.item_id)
+            .fetch_all(&self.pool)
+            .await?;
+            let pdf = tokio::task::spawn_blocking(move || {
+                letter::render(&input).and_then(|l| letter::append_pdfs(l, &enclosures))
+            })
+            .await
+            .map_err(|e| ChannelError::Transient(format!("rendering the letter: {e}")))?
+            .map_err(|e| ChannelError::Permanent(format!("rendering the letter: {e:#}")))?;
             let sha256 = crate::evidence::sha256_hex(&pdf);
             Ok(Sent {
                 event: None,

@@ -287,7 +287,16 @@ pub fn summons(pinfl: &str) -> Value {
             "subject_of_case": "qarzni undirish"
         },
         "attachments": [
-            { "name": "chaqiruv.pdf", "content_type": "application/pdf", "content": "JVBERi0xLjQKJcfsj6IK" }
+            { "name": "chaqiruv.pdf", "content_type": "application/pdf", "content": sample_pdf_base64() }
         ]
     })
+}
+
+/// A small real PDF (one page, "Enclosure: ruling 2-1234/2026…"), as agencies attach them.
+pub fn sample_pdf() -> &'static [u8] {
+    include_bytes!("../../docs/samples/enclosure.pdf")
+}
+
+pub fn sample_pdf_base64() -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, sample_pdf())
 }

@@ -101,6 +101,7 @@ async fn a_letter_is_printed_claimed_delivered_and_serves_the_item() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("Karimova Malika Ravshanovna") && text.contains("2-1234/2026"), "{text}");
     assert!(text.contains("koʻchasi"), "{text}");
+    assert!(text.contains("Enclosure: ruling 2-1234/2026"), "the PDF attachment follows the letter: {text}");
     // The QR code on the rendered page decodes to the item's verification link.
     let status = Command::new("pdftoppm")
         .args(["-r", "150", "-f", "1", "-l", "1", "-png"])

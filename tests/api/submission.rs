@@ -1,4 +1,3 @@
-use base64::Engine;
 use serde_json::Value;
 
 use crate::helpers::{summons, TestApp};
@@ -17,7 +16,7 @@ async fn summons_is_served_when_the_citizen_opens_it() {
     let record = &accepted["evidence"]["record"];
     assert_eq!(record["event"], "SubmissionAcceptance");
     assert_eq!(record["recipient"]["pinfl"], pinfl.as_str());
-    let pdf = base64::engine::general_purpose::STANDARD.decode("JVBERi0xLjQKJcfsj6IK").unwrap();
+    let pdf = crate::helpers::sample_pdf().to_vec();
     assert_eq!(record["digests"]["attachments"][0]["sha256"], dalil::evidence::sha256_hex(&pdf));
 
     let item = app.wait_for_status(&key, &id, &["consigned"]).await;
