@@ -320,6 +320,16 @@ pub async fn dead_letters_replay(settings: &Settings, limit: usize) -> anyhow::R
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let queue = topology.name("dead");
+    // Only what is dead now: a replayed message that dies again is not replayed twice in a run.
+    let present = ch
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            Default::default(),
+        )
+        .await?
+        .message_count() as usize;
+    let limit = limit.min(present);
     let mut replayed = 0;
     while replayed < limit {
         let Some(m) = ch.basic_get(queue.as_str().into(), BasicGetOptions::default()).await? else { break };

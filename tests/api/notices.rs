@@ -228,6 +228,16 @@ async fn poison_messages_go_to_the_dead_queue_and_can_be_listed_and_replayed() {
     assert_eq!(dalil::admin::dead_letters_list(&settings, 10).await.unwrap().as_array().unwrap().len(), 1);
     let replayed = dalil::admin::dead_letters_replay(&settings, 10).await.unwrap();
     assert_eq!(replayed["replayed"], 1);
+    // It went back through the sms queue, still poison, and is dead again: listed once more.
+    let mut back = 0;
+    for _ in 0..100 {
+        back = dalil::admin::dead_letters_list(&settings, 10).await.unwrap().as_array().unwrap().len();
+        if back == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(back, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
