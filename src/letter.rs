@@ -227,6 +227,11 @@ pub fn render(input: &LetterInput) -> anyhow::Result<Vec<u8>> {
     };
     put(&input.subject, 12.0, &bold, &bold_metrics, 0.0, 3.0, &mut y, &mut page_layer, &mut layers);
     for block in blocks(&input.content_html) {
+        // Headings and labels keep with what follows: never the last line of a page.
+        if matches!(block, Block::Heading(_) | Block::Label(_)) && y < BOTTOM + 10.0 + 12.0 {
+            page_layer = new_page(&mut layers);
+            y = PAGE_H - 25.0;
+        }
         match block {
             Block::Heading(t) => put(&t, 11.0, &bold, &bold_metrics, 0.0, 1.5, &mut y, &mut page_layer, &mut layers),
             Block::Label(t) => put(&t, 9.5, &bold, &bold_metrics, 0.0, 0.3, &mut y, &mut page_layer, &mut layers),
