@@ -53,23 +53,39 @@ impl FromRequestParts<AppState> for Agency {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let key = bearer(parts)?;
-        let denied = || ApiError::Unauthorized("the API key is unknown or revoked".into());
-        if !key.starts_with(KEY_PREFIX) || key.len() > 200 {
-            return Err(denied());
-        }
-        let hash = Sha256::digest(key.as_bytes()).to_vec();
-        let row: Option<(Uuid, String, String, Vec<u8>)> = sqlx::query_as(
+        let (id, code, name) = key_owner(
+            parts,
+            state,
+            KEY_PREFIX,
             "select a.id, a.code, a.name, k.key_hash from api_key k join agency a on a.id = k.agency_id
              where k.key_hash = $1 and k.revoked_at is null",
+            "API key",
         )
-        .bind(&hash)
-        .fetch_optional(&state.pool)
         .await?;
-        match row {
-            Some((id, code, name, stored)) if bool::from(stored.ct_eq(&hash)) => Ok(Agency { id, code, name }),
-            _ => Err(denied()),
-        }
+        Ok(Agency { id, code, name })
+    }
+}
+
+/// The owner (id, code, name) of a presented key, looked up by the key's SHA-256 — keys are
+/// stored only hashed — or a 401 that says which kind of key was expected.
+async fn key_owner(
+    parts: &Parts,
+    state: &AppState,
+    prefix: &str,
+    sql: &str,
+    what: &str,
+) -> Result<(Uuid, String, String), ApiError> {
+    let key = bearer(parts)?;
+    let denied = || ApiError::Unauthorized(format!("the {what} is unknown or revoked"));
+    if !key.starts_with(prefix) || key.len() > 200 {
+        return Err(denied());
+    }
+    let hash = Sha256::digest(key.as_bytes()).to_vec();
+    let row: Option<(Uuid, String, String, Vec<u8>)> =
+        sqlx::query_as(sql).bind(&hash).fetch_optional(&state.pool).await?;
+    match row {
+        Some((id, code, name, stored)) if bool::from(stored.ct_eq(&hash)) => Ok((id, code, name)),
+        _ => Err(denied()),
     }
 }
 
@@ -100,22 +116,15 @@ impl FromRequestParts<AppState> for Operator {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let key = bearer(parts)?;
-        let denied = || ApiError::Unauthorized("the operator key is unknown or revoked".into());
-        if !key.starts_with(OPERATOR_KEY_PREFIX) || key.len() > 200 {
-            return Err(denied());
-        }
-        let hash = Sha256::digest(key.as_bytes()).to_vec();
-        let row: Option<(Uuid, String, Vec<u8>)> = sqlx::query_as(
-            "select o.id, o.code, k.key_hash from operator_key k join postal_operator o on o.id = k.operator_id
+        let (id, code, _) = key_owner(
+            parts,
+            state,
+            OPERATOR_KEY_PREFIX,
+            "select o.id, o.code, o.name, k.key_hash from operator_key k join postal_operator o on o.id = k.operator_id
              where k.key_hash = $1 and k.revoked_at is null",
+            "operator key",
         )
-        .bind(&hash)
-        .fetch_optional(&state.pool)
         .await?;
-        match row {
-            Some((id, code, stored)) if bool::from(stored.ct_eq(&hash)) => Ok(Operator { id, code }),
-            _ => Err(denied()),
-        }
+        Ok(Operator { id, code })
     }
 }
