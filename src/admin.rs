@@ -415,3 +415,49 @@ pub async fn postal_operator_create(
     tx.commit().await?;
     Ok(json!({ "id": id, "code": code, "name": name.trim(), "regions": codes, "key": secret }))
 }
+
+async fn agency_id(pool: &PgPool, code: &str) -> anyhow::Result<Uuid> {
+    sqlx::query_scalar("select id from agency where code = $1")
+        .bind(code)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no agency with code {code}"))
+}
+
+/// Registers a callback URL for an agency; the secret is in the answer, once.
+pub async fn callback_add(
+    pool: &PgPool,
+    settings: &crate::config::Settings,
+    agency: &str,
+    url: &str,
+    events: &[String],
+) -> anyhow::Result<Value> {
+    let agency_id = agency_id(pool, agency).await?;
+    let url =
+        crate::callbacks::check_url(url, settings.callbacks.allow_http).map_err(|e| anyhow::anyhow!("--url: {e}"))?;
+    let events = crate::callbacks::check_types(events).map_err(|e| anyhow::anyhow!("--events: {e}"))?;
+    let (endpoint, secret) = crate::callbacks::register(pool, agency_id, &url, &events).await?;
+    Ok(json!({ "id": endpoint.id, "url": endpoint.url, "events": endpoint.events.join(","), "secret": secret }))
+}
+
+pub async fn callback_list(pool: &PgPool, agency: &str) -> anyhow::Result<Value> {
+    let agency_id = agency_id(pool, agency).await?;
+    let endpoints = crate::callbacks::list(pool, agency_id).await?;
+    Ok(Value::Array(
+        endpoints
+            .into_iter()
+            .map(|e| json!({ "id": e.id, "url": e.url, "events": e.events.join(","), "created_at": e.created_at }))
+            .collect(),
+    ))
+}
+
+pub async fn callback_remove(pool: &PgPool, id: &str) -> anyhow::Result<Value> {
+    let id = Uuid::parse_str(id).map_err(|_| anyhow::anyhow!("{id} is not an endpoint id"))?;
+    let n = sqlx::query("update callback_endpoint set disabled_at = now() where id = $1 and disabled_at is null")
+        .bind(id)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    anyhow::ensure!(n == 1, "no active endpoint {id}");
+    Ok(json!({ "removed": id }))
+}

@@ -127,6 +127,11 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: DeadLettersCommand,
     },
+    /// Agencies' callback URLs.
+    Callback {
+        #[command(subcommand)]
+        command: CallbackCommand,
+    },
     /// Mints a citizen token with the development identity key.
     CitizenToken {
         pinfl: String,
@@ -134,6 +139,27 @@ pub enum AdminCommand {
         #[arg(long, default_value_t = 3600)]
         ttl: i64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CallbackCommand {
+    /// Registers a URL for an agency's events; prints the signing secret (shown once).
+    Add {
+        #[arg(long)]
+        agency: String,
+        #[arg(long)]
+        url: String,
+        /// Event types, comma-separated (accepted, consigned, notified, opened, handed_over,
+        /// refused, undeliverable, served, failed, recalled); default: all.
+        #[arg(long, value_delimiter = ',')]
+        events: Vec<String>,
+    },
+    List {
+        #[arg(long)]
+        agency: String,
+    },
+    /// Stops calls to an endpoint (by id).
+    Remove { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -430,6 +456,15 @@ async fn admin_command(command: AdminCommand, settings: &Settings) -> anyhow::Re
         }
         AdminCommand::PostalOperator { command: PostalOperatorCommand::Create { code, name, regions } } => {
             admin::postal_operator_create(&pool, &code, &name, &regions).await?
+        }
+        AdminCommand::Callback { command: CallbackCommand::Add { agency, url, events } } => {
+            admin::callback_add(&pool, settings, &agency, &url, &events).await?
+        }
+        AdminCommand::Callback { command: CallbackCommand::List { agency } } => {
+            admin::callback_list(&pool, &agency).await?
+        }
+        AdminCommand::Callback { command: CallbackCommand::Remove { id } } => {
+            admin::callback_remove(&pool, &id).await?
         }
         AdminCommand::Checkpoint => {
             let signer = crate::log::load_signer(&pool, &settings.log)

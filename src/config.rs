@@ -32,6 +32,8 @@ pub struct Settings {
     pub sms: SmsSettings,
     pub email: EmailSettings,
     pub postal: PostalSettings,
+    pub callbacks: CallbackSettings,
+    pub retention: RetentionSettings,
     /// Not in the file: tests set it so that their queues disappear when unused.
     #[serde(default)]
     pub queue_expires_ms: Option<u32>,
@@ -95,6 +97,8 @@ pub struct SmsSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct EmailSettings {
+    pub transport: String,
+    pub file_dir: PathBuf,
     pub smtp_host: String,
     pub smtp_port: u16,
     pub tls: String,
@@ -114,10 +118,47 @@ pub struct PostalSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+pub struct CallbackSettings {
+    pub timeout_ms: u64,
+    pub allow_http: bool,
+    pub replay_limit: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    pub outbox_days: i32,
+    pub callback_days: i32,
+    pub timer_days: i32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SchedulerSettings {
+    pub escalation: String,
+    pub deemed_delivery: String,
+    pub retention: String,
+    pub outbox_sweep: String,
+    /// How often a scheduler looks for jobs that are due (milliseconds).
+    pub tick_ms: u64,
     pub checkpoint: String,
     pub log_monitor: String,
     pub unconfirmed_letters: String,
+}
+
+impl SchedulerSettings {
+    /// Every recurring job with its cron expression.
+    pub fn jobs(&self) -> [(&'static str, &String); 7] {
+        [
+            ("escalation", &self.escalation),
+            ("deemed_delivery", &self.deemed_delivery),
+            ("checkpoint", &self.checkpoint),
+            ("log_monitor", &self.log_monitor),
+            ("unconfirmed_letters", &self.unconfirmed_letters),
+            ("retention", &self.retention),
+            ("outbox_sweep", &self.outbox_sweep),
+        ]
+    }
 }
 
 impl Settings {
@@ -160,14 +201,19 @@ impl Settings {
         if self.worker.concurrency == 0 || self.worker.prefetch == 0 {
             bail!("worker.concurrency and worker.prefetch must be at least 1");
         }
-        for (name, expr) in [
-            ("checkpoint", &self.scheduler.checkpoint),
-            ("log_monitor", &self.scheduler.log_monitor),
-            ("unconfirmed_letters", &self.scheduler.unconfirmed_letters),
-        ] {
+        for (name, expr) in self.scheduler.jobs() {
             if let Err(e) = expr.parse::<cron::Schedule>() {
                 bail!("scheduler.{name}: not a cron expression with seconds ({e})");
             }
+        }
+        if self.scheduler.tick_ms == 0 || self.callbacks.timeout_ms == 0 {
+            bail!("scheduler.tick_ms and callbacks.timeout_ms must be at least 1");
+        }
+        if self.retention.outbox_days < 1 || self.retention.callback_days < 1 || self.retention.timer_days < 1 {
+            bail!("retention: every period must be at least 1 day");
+        }
+        if !matches!(self.email.transport.as_str(), "smtp" | "file") {
+            bail!("email.transport must be \"smtp\" or \"file\"");
         }
         if self.log.origin.trim().is_empty() || self.log.origin.contains('\n') {
             bail!("log.origin must be one non-empty line");

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub enum Event {
     SubmissionAcceptance,
     SubmissionRejection,
@@ -109,7 +109,7 @@ struct Record<'a> {
 }
 
 /// One appended record, as stored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Appended {
     pub log_index: i64,
     pub evidence_id: Uuid,
@@ -149,6 +149,11 @@ pub async fn append(
     if events.is_empty() {
         return Ok(Vec::new());
     }
+    let evidence_ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
+    // The agency's callbacks for these events, before the log head is taken, to keep its lock
+    // short.
+    let records: Vec<(Uuid, &NewEvidence)> = evidence_ids.iter().copied().zip(events.iter()).collect();
+    crate::callbacks::enqueue(&mut *conn, item.item_id, &records).await?;
     let n = events.len() as i64;
     let first: i64 = sqlx::query_scalar("update evidence_log_head set size = size + $1 returning size - $1")
         .bind(n)
@@ -166,7 +171,7 @@ pub async fn append(
     let mut appended = Vec::with_capacity(events.len());
     for (i, e) in events.iter().enumerate() {
         let log_index = first + i as i64;
-        let evidence_id = Uuid::now_v7();
+        let evidence_id = evidence_ids[i];
         let at = truncate(e.at);
         let record = Record {
             version: 1,

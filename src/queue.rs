@@ -10,12 +10,16 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The one message Dalil queues today: "do this attempt". It carries ids, never content.
+/// What Dalil queues: "do this attempt", "make this callback". It carries ids, never content.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Envelope {
     Deliver { version: u32, item_id: Uuid, step_id: Uuid, attempt_id: Uuid, trace_id: Uuid },
+    Callback { version: u32, delivery_id: Uuid },
 }
+
+/// The routing key (and queue channel) of agency callbacks.
+pub const CALLBACKS: &str = "webhooks";
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Topology {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -47,7 +48,9 @@ pub async fn process(pool: &PgPool, channel: &dyn Channel, body: &[u8]) -> Outco
         Ok(e) => e,
         Err(e) => return Outcome::Dead(format!("malformed message: {e}")),
     };
-    let Envelope::Deliver { attempt_id, trace_id, .. } = envelope;
+    let Envelope::Deliver { attempt_id, trace_id, .. } = envelope else {
+        return Outcome::Dead(format!("not a delivery for the {} channel: {envelope:?}", channel.name()));
+    };
     let span = tracing::info_span!("deliver", %attempt_id, %trace_id, channel = channel.name());
     async move { process_logged(pool, channel, attempt_id).await }.instrument(span).await
 }
@@ -88,7 +91,9 @@ async fn process_attempt(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid)
     let sent = channel.send(&job).await?;
 
     let mut tx = pool.begin().await?;
-    // Lock the attempt: two copies of one message racing each other finish once.
+    // Lock order everywhere: the item row (a recall holds it), then the attempt (two copies of
+    // one message racing each other finish once), then the evidence log head.
+    sqlx::query("select 1 from item where id = $1 for update").bind(job.item.item_id).execute(&mut *tx).await?;
     let status: String = sqlx::query_scalar("select status from attempt where id = $1 for update")
         .bind(attempt_id)
         .fetch_one(&mut *tx)
@@ -115,6 +120,16 @@ async fn process_attempt(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid)
             sqlx::query(
                 "update item set status = 'consigned', updated_at = now() where id = $1 and status = 'accepted'",
             )
+            .bind(job.item.item_id)
+            .execute(&mut *tx)
+            .await?;
+            // A confirmed deposit starts the deemed-service clock, where the policy has one.
+            sqlx::query(
+                "insert into timer (id, kind, item_id, due_at)
+                 select $1, 'deemed', id, now() + deemed_after from item where id = $2 and deemed_after is not null
+                 on conflict do nothing",
+            )
+            .bind(Uuid::now_v7())
             .bind(job.item.item_id)
             .execute(&mut *tx)
             .await?;
@@ -154,7 +169,12 @@ async fn give_up(pool: &PgPool, channel: &dyn Channel, body: &[u8], why: &str) -
 
 async fn record_failure(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid, why: &str) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let Some((job, status)) = load_job(&mut tx, attempt_id).await? else { return Ok(()) };
+    let Some((job, _)) = load_job(&mut tx, attempt_id).await? else { return Ok(()) };
+    sqlx::query("select 1 from item where id = $1 for update").bind(job.item.item_id).execute(&mut *tx).await?;
+    let status: String = sqlx::query_scalar("select status from attempt where id = $1 for update")
+        .bind(attempt_id)
+        .fetch_one(&mut *tx)
+        .await?;
     if status != "queued" {
         return Ok(());
     }
@@ -196,7 +216,54 @@ async fn record_failure(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid, 
     Ok(())
 }
 
-/// Consumes the queues of `channels` until cancelled, reconnecting when the broker goes away.
+/// What a consumer does with each message of its queue.
+trait Handler: Send + Sync {
+    fn name(&self) -> &str;
+    fn process<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Outcome>;
+    /// After the last retry: record the failure for good.
+    fn give_up<'a>(&'a self, body: &'a [u8], why: &'a str) -> BoxFuture<'a, Outcome>;
+}
+
+struct ChannelHandler {
+    pool: PgPool,
+    channel: Box<dyn Channel>,
+}
+
+impl Handler for ChannelHandler {
+    fn name(&self) -> &str {
+        self.channel.name()
+    }
+
+    fn process<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Outcome> {
+        Box::pin(process(&self.pool, self.channel.as_ref(), body))
+    }
+
+    fn give_up<'a>(&'a self, body: &'a [u8], why: &'a str) -> BoxFuture<'a, Outcome> {
+        Box::pin(give_up(&self.pool, self.channel.as_ref(), body, why))
+    }
+}
+
+impl Handler for crate::callbacks::Caller {
+    fn name(&self) -> &str {
+        queue::CALLBACKS
+    }
+
+    fn process<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Outcome> {
+        Box::pin(crate::callbacks::Caller::process(self, body))
+    }
+
+    fn give_up<'a>(&'a self, body: &'a [u8], why: &'a str) -> BoxFuture<'a, Outcome> {
+        Box::pin(crate::callbacks::Caller::give_up(self, body, why))
+    }
+}
+
+/// The names `run` accepts: the delivery channels and `webhooks` (agency callbacks).
+pub fn known_queues() -> Vec<&'static str> {
+    channels::KNOWN_CHANNELS.iter().copied().chain([queue::CALLBACKS]).collect()
+}
+
+/// Consumes the queues of `channels` (and `webhooks`, the agency callbacks) until cancelled,
+/// reconnecting when the broker goes away.
 pub async fn run(
     pool: PgPool,
     settings: Settings,
@@ -206,15 +273,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for name in channel_names {
-        let channel: Arc<dyn Channel> = Arc::from(channels::build(&name, &settings, &pool)?);
-        let queue =
-            topology.channel_queue(&name).with_context(|| format!("no queue for channel {name} in the topology"))?;
-        let (pool, settings, topology, cancel) = (pool.clone(), settings.clone(), topology.clone(), cancel.clone());
+        let handler: Arc<dyn Handler> = if name == queue::CALLBACKS {
+            let timeout = Duration::from_millis(settings.callbacks.timeout_ms);
+            Arc::new(crate::callbacks::Caller::new(pool.clone(), timeout)?)
+        } else {
+            Arc::new(ChannelHandler { pool: pool.clone(), channel: channels::build(&name, &settings, &pool)? })
+        };
+        let queue = topology.channel_queue(&name).with_context(|| format!("no queue for {name} in the topology"))?;
+        let (settings, topology, cancel) = (settings.clone(), topology.clone(), cancel.clone());
         tasks.push(tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
                 let mut connected = false;
-                match consume(&pool, &settings, &topology, &queue, channel.clone(), &cancel, &mut connected).await {
+                match consume(&settings, &topology, &queue, handler.clone(), &cancel, &mut connected).await {
                     Ok(()) => return,
                     Err(e) => {
                         if connected {
@@ -243,22 +314,21 @@ pub async fn run(
 }
 
 async fn consume(
-    pool: &PgPool,
     settings: &Settings,
     topology: &Topology,
     queue_name: &str,
-    channel: Arc<dyn Channel>,
+    handler: Arc<dyn Handler>,
     cancel: &CancellationToken,
     connected: &mut bool,
 ) -> anyhow::Result<()> {
-    let conn = queue::connect(settings.amqp_url.expose_secret(), &format!("dalil-worker-{}", channel.name())).await?;
+    let conn = queue::connect(settings.amqp_url.expose_secret(), &format!("dalil-worker-{}", handler.name())).await?;
     let amqp = conn.create_channel().await?;
     amqp.basic_qos(settings.worker.prefetch, BasicQosOptions::default()).await?;
     amqp.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut consumer = amqp
         .basic_consume(
             ShortString::from(queue_name),
-            ShortString::from(format!("dalil-{}-{}", channel.name(), Uuid::new_v4())),
+            ShortString::from(format!("dalil-{}-{}", handler.name(), Uuid::new_v4())),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -278,14 +348,14 @@ async fn consume(
             None => break Err(anyhow::anyhow!("consumer closed by the broker")),
         };
         let permit = limit.clone().acquire_owned().await?;
-        let (pool, channel, amqp, ladder) = (pool.clone(), channel.clone(), amqp.clone(), ladder.clone());
+        let (handler, amqp, ladder) = (handler.clone(), amqp.clone(), ladder.clone());
         let topology = topology.clone();
         tokio::spawn(async move {
-            let mut outcome = process(&pool, channel.as_ref(), &delivery.data).await;
+            let mut outcome = handler.process(&delivery.data).await;
             if let Outcome::Retry(why) = &outcome {
                 if retries_of(&delivery) as usize >= ladder.len() {
-                    // The last delay passed: the step fails for good, with evidence.
-                    outcome = give_up(&pool, channel.as_ref(), &delivery.data, why).await;
+                    // The last delay passed: the work fails for good, recorded.
+                    outcome = handler.give_up(&delivery.data, why).await;
                 }
             }
             if let Err(e) = settle(&amqp, &topology, &ladder, delivery, outcome).await {

@@ -23,6 +23,7 @@ use super::{ApiError, ApiResult, AppState, JsonBody};
 use crate::domain::{FieldError, Kind, Language, RecipientId};
 use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence, StoredEvidence};
 use crate::outbox;
+use crate::policy::ServiceRule;
 use crate::queue::{Envelope, DELIVERY_EXCHANGE};
 use crate::templates::{self, RenderError};
 
@@ -83,6 +84,9 @@ pub struct SubmitResponse {
     pub id: Uuid,
     pub status: String,
     pub reference: String,
+    /// Set when `respond_by` leaves too little time for the policy's steps to reach the
+    /// recipient (a letter after an unopened deposit, say): the agency should set a later date.
+    pub respond_by_warning: Option<String>,
     /// The SubmissionAcceptance record, which fixes the digests of the content and attachments.
     pub evidence: StoredEvidence,
 }
@@ -312,13 +316,21 @@ pub async fn submit(
             _ => {}
         }
     }
+    let now = evidence::now();
+    let deemed = policy.deemed_for(digital_consent);
+    let deemed_rule = deemed.map(|d| {
+        serde_json::json!({ "rule": ServiceRule::Deemed.as_str(), "after": d.after.text(), "from": "ContentConsignment" })
+    });
+    let respond_by_warning = p.respond_by.and_then(|t| policy.respond_by_warning(digital_consent, now, t));
     let content_sha256 = evidence::sha256_hex(rendered.html.as_bytes());
     let subject_sha256 = evidence::sha256_hex(rendered.subject.as_bytes());
 
     sqlx::query(
         "insert into item (id, agency_id, recipient_id, kind, template, language, reference, personalisation,
-                           subject, content_html, content_sha256, respond_by, policy_id, policy_version, status)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 'accepted')",
+                           subject, content_html, content_sha256, respond_by, policy_id, policy_version, status,
+                           digital_consent, deemed_after, deemed_rule, respond_by_warning)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 'accepted', $15,
+                 $16::text::interval, $17, $18)",
     )
     .bind(item_id)
     .bind(agency.id)
@@ -334,6 +346,10 @@ pub async fn submit(
     .bind(p.respond_by)
     .bind(&policy.id)
     .bind(policy.version)
+    .bind(digital_consent)
+    .bind(deemed.map(|d| d.after.interval()))
+    .bind(deemed_rule.as_ref().map(sqlx::types::Json))
+    .bind(&respond_by_warning)
     .execute(&mut *tx)
     .await?;
     for (d, data) in &p.attachments {
@@ -367,30 +383,45 @@ pub async fn submit(
         .await?;
     }
     let trace_id = Uuid::new_v4();
-    let active: Vec<&crate::policy::Step> = policy
-        .steps
-        .iter()
-        .filter(|s| s.applies(digital_consent))
-        .filter(|s| matches!(s.channel.as_str(), "inbox" | "postal") || notices.iter().any(|n| n.channel == s.channel))
-        .collect();
-    for step in active {
+    let mut plan = Vec::new();
+    for (seq, step) in policy.steps_for(digital_consent) {
+        if matches!(step.channel.as_str(), "sms" | "email") && !notices.iter().any(|n| n.channel == step.channel) {
+            continue; // skipped above, with the reason in the evidence
+        }
         let step_id = Uuid::now_v7();
-        let attempt_id = Uuid::now_v7();
-        sqlx::query("insert into step (id, item_id, seq, channel, status) values ($1, $2, 0, $3, 'queued')")
-            .bind(step_id)
-            .bind(item_id)
-            .bind(&step.channel)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("insert into attempt (id, step_id, item_id, channel, status) values ($1, $2, $3, $4, 'queued')")
-            .bind(attempt_id)
-            .bind(step_id)
-            .bind(item_id)
-            .bind(&step.channel)
-            .execute(&mut *tx)
-            .await?;
-        let envelope = Envelope::Deliver { version: 1, item_id, step_id, attempt_id, trace_id };
-        outbox::enqueue(&mut tx, DELIVERY_EXCHANGE, &step.channel, attempt_id, &envelope).await?;
+        let due_at = step.after.map(|a| now + a.0);
+        sqlx::query(
+            "insert into step (id, item_id, seq, channel, status, due_at, unless_condition)
+             values ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(step_id)
+        .bind(item_id)
+        .bind(seq as i32)
+        .bind(&step.channel)
+        .bind(if due_at.is_some() { "scheduled" } else { "queued" })
+        .bind(due_at)
+        .bind(step.unless.map(|u| u.as_str()))
+        .execute(&mut *tx)
+        .await?;
+        let mut planned = serde_json::json!({ "channel": step.channel });
+        if let Some(due_at) = due_at {
+            // A timed step waits for the scheduler.
+            sqlx::query("insert into timer (id, kind, item_id, step_id, due_at) values ($1, 'escalate', $2, $3, $4)")
+                .bind(Uuid::now_v7())
+                .bind(item_id)
+                .bind(step_id)
+                .bind(due_at)
+                .execute(&mut *tx)
+                .await?;
+            planned["after"] = step.after.map(|a| a.text()).into();
+            planned["due_at"] = evidence::format_time(due_at).into();
+            if let Some(u) = step.unless {
+                planned["unless"] = u.as_str().into();
+            }
+        } else {
+            start_step(&mut tx, item_id, step_id, &step.channel, trace_id).await?;
+        }
+        plan.push(planned);
     }
     sqlx::query("update idempotency set item_id = $3 where agency_id = $1 and key = $2")
         .bind(agency.id)
@@ -416,7 +447,15 @@ pub async fn submit(
         "subject": rendered.subject,
         "idempotency_key": key,
         "trace_id": trace_id,
+        "digital_consent": digital_consent,
+        "plan": plan,
     });
+    if let Some(rule) = &deemed_rule {
+        details["deemed"] = rule.clone();
+    }
+    if let Some(w) = &respond_by_warning {
+        details["respond_by_warning"] = w.clone().into();
+    }
     if let Some(t) = p.respond_by {
         details["respond_by"] = Value::String(evidence::format_time(t));
     }
@@ -429,7 +468,7 @@ pub async fn submit(
         &item_ctx,
         vec![NewEvidence {
             event: Event::SubmissionAcceptance,
-            at: evidence::now(),
+            at: now,
             actor: Actor::Agency(agency.code.clone()),
             channel: None,
             details,
@@ -448,6 +487,27 @@ pub async fn submit(
     replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256)
         .await?
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("item {item_id} vanished after commit")))
+}
+
+/// Starts a step now: its first attempt, and the message that makes a worker take it.
+pub async fn start_step(
+    conn: &mut PgConnection,
+    item_id: Uuid,
+    step_id: Uuid,
+    channel: &str,
+    trace_id: Uuid,
+) -> sqlx::Result<Uuid> {
+    let attempt_id = Uuid::now_v7();
+    sqlx::query("insert into attempt (id, step_id, item_id, channel, status) values ($1, $2, $3, $4, 'queued')")
+        .bind(attempt_id)
+        .bind(step_id)
+        .bind(item_id)
+        .bind(channel)
+        .execute(&mut *conn)
+        .await?;
+    let envelope = Envelope::Deliver { version: 1, item_id, step_id, attempt_id, trace_id };
+    outbox::enqueue(conn, DELIVERY_EXCHANGE, channel, attempt_id, &envelope).await?;
+    Ok(attempt_id)
 }
 
 /// The answer to a request whose key was seen: the first answer for the same body, a conflict
@@ -472,14 +532,17 @@ async fn replay(
         });
     }
     let Some(item_id) = item_id else { return Ok(None) };
-    let (status, reference): (String, String) =
-        sqlx::query_as("select status, reference from item where id = $1").bind(item_id).fetch_one(&mut *conn).await?;
+    let (status, reference, respond_by_warning): (String, String, Option<String>) =
+        sqlx::query_as("select status, reference, respond_by_warning from item where id = $1")
+            .bind(item_id)
+            .fetch_one(&mut *conn)
+            .await?;
     let evidence = evidence::for_item(conn, item_id)
         .await?
         .into_iter()
         .find(|e| e.event == "SubmissionAcceptance")
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("item {item_id} has no SubmissionAcceptance")))?;
-    let body = SubmitResponse { id: item_id, status, reference, evidence };
+    let body = SubmitResponse { id: item_id, status, reference, respond_by_warning, evidence };
     let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/correspondence/{item_id}")) {
         response.headers_mut().insert(axum::http::header::LOCATION, v);
@@ -511,10 +574,24 @@ pub struct AttemptView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StepView {
     pub id: Uuid,
+    /// The step's place in the policy.
     pub seq: i32,
     pub channel: String,
+    /// scheduled (waiting for its timer), queued, done, failed, skipped, cancelled (recall)
     pub status: String,
+    /// When a timed step is (or was) due.
+    pub due_at: Option<DateTime<Utc>>,
+    /// A timed step is skipped if this holds when it is due: opened, served.
+    pub unless: Option<String>,
+    /// Why a step was skipped or cancelled.
+    pub note: Option<String>,
     pub attempts: Vec<AttemptView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Recalled {
+    pub at: DateTime<Utc>,
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -525,16 +602,26 @@ pub struct ItemView {
     pub language: String,
     pub reference: String,
     pub subject: String,
-    /// accepted → consigned → opened → served; or failed.
+    /// accepted → consigned → opened → served; or failed, undeliverable, recalled.
     pub status: String,
     #[schema(value_type = Object)]
     pub recipient: Value,
     pub respond_by: Option<DateTime<Utc>>,
+    /// Set at submission when `respond_by` leaves the recipient too little time.
+    pub respond_by_warning: Option<String>,
     pub created_at: DateTime<Utc>,
     pub content_sha256: String,
     pub attachments: Vec<AttachmentDigest>,
     pub policy: PolicyRef,
+    /// Whether the recipient had consented to digital delivery at submission (it decides the
+    /// steps and deemed service).
+    pub digital_consent: bool,
+    /// Deemed service for this item, when its policy has it: `{rule, after, from}`.
+    #[schema(value_type = Option<Object>)]
+    pub deemed: Option<Value>,
+    /// Set once, never changed: when and by which rule the item became legally served.
     pub served: Option<Served>,
+    pub recalled: Option<Recalled>,
     pub steps: Vec<StepView>,
     /// The paper letter, when the policy sent one.
     pub letter: Option<LetterView>,
@@ -577,6 +664,11 @@ struct ItemRow {
     served_at: Option<DateTime<Utc>>,
     served_rule: Option<String>,
     served_evidence: Option<i64>,
+    respond_by_warning: Option<String>,
+    digital_consent: bool,
+    deemed_rule: Option<sqlx::types::Json<Value>>,
+    recalled_at: Option<DateTime<Utc>>,
+    recall_reason: Option<String>,
 }
 
 #[utoipa::path(get, path = "/v1/correspondence/{id}", tag = "agency",
@@ -594,7 +686,8 @@ pub async fn get_one(
     let row: Option<ItemRow> = sqlx::query_as(
         "select i.id, i.kind, i.template, i.language, i.reference, i.subject, i.status, r.pinfl, r.tin,
                 i.respond_by, i.created_at, i.content_sha256, i.policy_id, i.policy_version,
-                i.served_at, i.served_rule, i.served_evidence
+                i.served_at, i.served_rule, i.served_evidence, i.respond_by_warning, i.digital_consent,
+                i.deemed_rule, i.recalled_at, i.recall_reason
          from item i join recipient r on r.id = i.recipient_id where i.id = $1 and i.agency_id = $2",
     )
     .bind(id)
@@ -603,11 +696,15 @@ pub async fn get_one(
     .await?;
     let row = row.ok_or(ApiError::NotFound)?;
     let attachments = attachment_digests(&mut conn, id).await?;
-    let steps: Vec<(Uuid, i32, String, String)> =
-        sqlx::query_as("select id, seq, channel, status from step where item_id = $1 order by seq, created_at")
-            .bind(id)
-            .fetch_all(&mut *conn)
-            .await?;
+    #[allow(clippy::type_complexity)]
+    let steps: Vec<(Uuid, i32, String, String, Option<DateTime<Utc>>, Option<String>, Option<String>)> =
+        sqlx::query_as(
+            "select id, seq, channel, status, due_at, unless_condition, note from step where item_id = $1
+             order by seq, created_at",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?;
     let attempts: Vec<AttemptView> = sqlx::query_as(
         "select id, step_id, status, tries, detail, created_at, finished_at from attempt where item_id = $1 order by created_at",
     )
@@ -616,11 +713,14 @@ pub async fn get_one(
     .await?;
     let steps = steps
         .into_iter()
-        .map(|(step_id, seq, channel, status)| StepView {
+        .map(|(step_id, seq, channel, status, due_at, unless, note)| StepView {
             id: step_id,
             seq,
             channel,
             status,
+            due_at,
+            unless,
+            note,
             attempts: attempts.iter().filter(|a| a.step_id == step_id).cloned().collect(),
         })
         .collect();
@@ -643,10 +743,14 @@ pub async fn get_one(
         status: row.status,
         recipient,
         respond_by: row.respond_by,
+        respond_by_warning: row.respond_by_warning,
         created_at: row.created_at,
         content_sha256: row.content_sha256,
         attachments,
         policy: PolicyRef { id: row.policy_id, version: row.policy_version },
+        digital_consent: row.digital_consent,
+        deemed: row.deemed_rule.map(|j| j.0),
+        recalled: row.recalled_at.map(|at| Recalled { at, reason: row.recall_reason }),
         served: row.served_at.map(|at| Served {
             at,
             rule: row.served_rule.unwrap_or_default(),
@@ -704,8 +808,8 @@ pub struct ListPage {
     pub next_cursor: Option<String>,
 }
 
-const STATUSES: [&str; 8] =
-    ["accepted", "consigned", "opened", "served", "failed", "delivered", "refused", "undeliverable"];
+const STATUSES: [&str; 9] =
+    ["accepted", "consigned", "opened", "served", "failed", "delivered", "refused", "undeliverable", "recalled"];
 
 fn parse_time(field: &str, v: &Option<String>) -> ApiResult<Option<DateTime<Utc>>> {
     v.as_deref()
@@ -845,4 +949,148 @@ impl Notice {
         }
         d
     }
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecallRequest {
+    /// Why the agency withdraws the item (recorded in the evidence; 1–500 characters).
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RecallResponse {
+    pub id: Uuid,
+    pub status: String,
+    pub recalled: Recalled,
+    /// Steps stopped by the recall.
+    pub cancelled_steps: Vec<String>,
+    /// The Recall record (absent when the item was recalled before: a repeated recall changes
+    /// nothing).
+    pub evidence: Option<crate::evidence::Appended>,
+}
+
+#[utoipa::path(post, path = "/v1/correspondence/{id}/recall", tag = "agency",
+    params(("id" = Uuid, Path, description = "Item id")),
+    request_body(content = RecallRequest, description = "Optional: the reason"),
+    responses(
+        (status = 200, description = "Recalled (or recalled before)", body = RecallResponse),
+        (status = 404, description = "No such item of this agency", body = super::error::Problem),
+        (status = 409, description = "The item is already served and cannot be recalled", body = super::error::Problem)),
+    security(("agency_key" = [])))]
+pub async fn recall(
+    State(state): State<AppState>,
+    agency: Agency,
+    Path(id): Path<String>,
+    body: Option<JsonBody<RecallRequest>>,
+) -> ApiResult<Json<RecallResponse>> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let reason = body.and_then(|b| b.value.reason).map(|r| r.trim().to_string()).filter(|r| !r.is_empty());
+    if let Some(r) = &reason {
+        if r.chars().count() > 500 || r.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(ApiError::invalid("reason", "at most 500 characters, no control characters"));
+        }
+    }
+    let mut tx = state.pool.begin().await?;
+    // Lock order everywhere: item row, then attempts and letter, then the evidence log head.
+    #[allow(clippy::type_complexity)]
+    let row: Option<(Option<DateTime<Utc>>, Option<String>, Option<DateTime<Utc>>, Option<String>, String)> =
+        sqlx::query_as(
+            "select served_at, served_rule, recalled_at, recall_reason, status from item
+             where id = $1 and agency_id = $2 for update",
+        )
+        .bind(id)
+        .bind(agency.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let (served_at, served_rule, recalled_at, recall_reason, status) = row.ok_or(ApiError::NotFound)?;
+    if let Some(at) = recalled_at {
+        return Ok(Json(RecallResponse {
+            id,
+            status,
+            recalled: Recalled { at, reason: recall_reason },
+            cancelled_steps: Vec::new(),
+            evidence: None,
+        }));
+    }
+    if let Some(served_at) = served_at {
+        return Err(ApiError::Conflict {
+            field: None,
+            detail: format!(
+                "the item was served at {} by rule {:?}: a served item cannot be recalled; send a new item to \
+                 correct or annul it",
+                evidence::format_time(served_at),
+                served_rule.unwrap_or_default()
+            ),
+        });
+    }
+    let at = evidence::now();
+    let cancelled: Vec<(String, String)> = sqlx::query_as(
+        "update step s set status = 'cancelled', note = 'recalled by the sender', updated_at = now()
+         from step old where s.id = old.id and s.item_id = $1 and s.status in ('scheduled', 'queued')
+         returning s.channel, old.status",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
+    sqlx::query(
+        "update attempt set status = 'cancelled', detail = 'recalled by the sender', finished_at = now()
+         where item_id = $1 and status = 'queued'",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    let letter: Option<(String, String)> = sqlx::query_as(
+        "with old as (select item_id, status from letter where item_id = $1 for update)
+         update letter l set status = case when old.status = 'ready' then 'recalled' else l.status end,
+                updated_at = now()
+         from old, postal_operator o where l.item_id = old.item_id and o.id = l.operator_id
+         returning old.status, o.code",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    sqlx::query(
+        "update item set status = 'recalled', recalled_at = $2, recall_reason = $3, updated_at = now() where id = $1",
+    )
+    .bind(id)
+    .bind(at)
+    .bind(&reason)
+    .execute(&mut *tx)
+    .await?;
+    let mut details = serde_json::json!({
+        "reason": reason,
+        "cancelled_steps": cancelled.iter().map(|(c, s)| serde_json::json!({ "channel": c, "was": s })).collect::<Vec<_>>(),
+    });
+    if let Some((was, operator)) = &letter {
+        details["letter"] = if was == "ready" {
+            serde_json::json!({ "operator": operator, "withdrawn": true })
+        } else {
+            // Already with the operator: the paper cannot be called back from here.
+            serde_json::json!({ "operator": operator, "withdrawn": false, "letter_status": was })
+        };
+    }
+    let ctx = ItemContext::load(&mut tx, id).await?;
+    let appended = evidence::append(
+        &mut tx,
+        &ctx,
+        vec![NewEvidence {
+            event: Event::Recall,
+            at,
+            actor: Actor::Agency(agency.code.clone()),
+            channel: None,
+            details,
+            digests: None,
+        }],
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(item_id = %id, agency = agency.code, cancelled = cancelled.len(), "recalled");
+    Ok(Json(RecallResponse {
+        id,
+        status: "recalled".into(),
+        recalled: Recalled { at, reason },
+        cancelled_steps: cancelled.into_iter().map(|(c, _)| c).collect(),
+        evidence: appended.into_iter().next(),
+    }))
 }

@@ -22,6 +22,9 @@ pub enum ApiError {
     NotFound,
     #[error("conflict: {detail}")]
     Conflict { field: Option<String>, detail: String },
+    /// It existed and is gone for good (an item its sender withdrew).
+    #[error("gone: {0}")]
+    Gone(String),
     #[error("payload too large: {0}")]
     TooLarge(String),
     #[error("unsupported media type")]
@@ -56,6 +59,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => S::UNAUTHORIZED,
             ApiError::NotFound => S::NOT_FOUND,
             ApiError::Conflict { .. } => S::CONFLICT,
+            ApiError::Gone(_) => S::GONE,
             ApiError::TooLarge(_) => S::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => S::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed => S::METHOD_NOT_ALLOWED,
@@ -114,6 +118,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(detail) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", detail, None),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not-found", "Not found", "no such resource".into(), None),
             ApiError::Conflict { field, detail } => (StatusCode::CONFLICT, "conflict", "Conflict", detail, field),
+            ApiError::Gone(detail) => (StatusCode::GONE, "gone", "Gone", detail, None),
             ApiError::TooLarge(detail) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too-large", "Payload too large", detail, None)
             }

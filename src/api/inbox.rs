@@ -39,6 +39,8 @@ pub struct InboxEntry {
     pub acknowledged_at: Option<DateTime<Utc>>,
     pub respond_by: Option<DateTime<Utc>>,
     pub served_at: Option<DateTime<Utc>>,
+    /// The sender withdrew the item: its content is no longer shown.
+    pub withdrawn_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -70,6 +72,7 @@ struct EntryRow {
     acknowledged_at: Option<DateTime<Utc>>,
     respond_by: Option<DateTime<Utc>>,
     served_at: Option<DateTime<Utc>>,
+    recalled_at: Option<DateTime<Utc>>,
     content_html: String,
     content_sha256: String,
 }
@@ -87,12 +90,13 @@ impl EntryRow {
             acknowledged_at: self.acknowledged_at,
             respond_by: self.respond_by,
             served_at: self.served_at,
+            withdrawn_at: self.recalled_at,
         }
     }
 }
 
 const ENTRY_SELECT: &str = "select i.id, a.code as agency_code, a.name as agency_name, i.kind, i.subject, i.reference,
-        e.deposited_at, e.first_opened_at, e.acknowledged_at, i.respond_by, i.served_at, i.content_html, i.content_sha256
+        e.deposited_at, e.first_opened_at, e.acknowledged_at, i.respond_by, i.served_at, i.recalled_at, i.content_html, i.content_sha256
     from inbox_entry e join item i on i.id = e.item_id join agency a on a.id = i.agency_id
     join recipient r on r.id = e.recipient_id";
 
@@ -119,7 +123,15 @@ async fn lock_entry(tx: &mut PgConnection, citizen: &Citizen, id: &str) -> ApiRe
             .bind(citizen.pinfl.as_str())
             .fetch_optional(&mut *tx)
             .await?;
-    row.ok_or(ApiError::NotFound)
+    let row = row.ok_or(ApiError::NotFound)?;
+    if let Some(at) = row.recalled_at {
+        return Err(ApiError::Gone(format!(
+            "{} withdrew this item on {} (Tashkent time); it is no longer valid",
+            row.agency_name,
+            crate::templates::local_time(at)
+        )));
+    }
+    Ok(row)
 }
 
 /// Records the first open, and serves the item if its policy says access serves it.
@@ -186,7 +198,8 @@ async fn record_open(
 
 #[utoipa::path(get, path = "/v1/inbox/{id}", tag = "citizen",
     params(("id" = Uuid, Path)),
-    responses((status = 200, body = InboxItem), (status = 404, body = super::error::Problem)),
+    responses((status = 200, body = InboxItem), (status = 404, body = super::error::Problem),
+        (status = 410, description = "The sender withdrew the item", body = super::error::Problem)),
     security(("citizen_token" = [])))]
 pub async fn open(
     State(state): State<AppState>,

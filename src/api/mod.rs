@@ -2,6 +2,7 @@
 //! Every error is `application/problem+json` (see [`error`]).
 
 pub mod auth;
+pub mod callbacks;
 pub mod correspondence;
 pub mod error;
 pub mod health;
@@ -45,6 +46,11 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::document))
         .route("/v1/correspondence", post(correspondence::submit).get(correspondence::list))
         .route("/v1/correspondence/{id}", get(correspondence::get_one))
+        .route("/v1/correspondence/{id}/recall", post(correspondence::recall))
+        .route("/v1/callbacks", post(callbacks::create).get(callbacks::list))
+        .route("/v1/callbacks/deliveries", get(callbacks::deliveries))
+        .route("/v1/callbacks/replay", post(callbacks::replay))
+        .route("/v1/callbacks/{id}", axum::routing::delete(callbacks::remove))
         .route("/v1/correspondence/{id}/proof", get(log::agency_bundle))
         .route("/v1/inbox/{id}/proof", get(log::citizen_bundle))
         .route("/v1/log/checkpoint", get(log::latest))
@@ -107,5 +113,26 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             ApiError::invalid(field, e.into_inner().to_string())
         })?;
         Ok(JsonBody { value, raw })
+    }
+}
+
+/// An optional JSON body: no body at all is `None`; a body must be JSON like any other.
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::OptionalFromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        let bytes = match axum::body::Bytes::from_request(Request::from_parts(parts.clone(), body), state).await {
+            Ok(b) => b,
+            Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::TooLarge("the request body is larger than this server accepts".into()))
+            }
+            Err(rejection) => return Err(ApiError::BadRequest { field: None, detail: rejection.body_text() }),
+        };
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+        <JsonBody<T> as FromRequest<S>>::from_request(req, state).await.map(Some)
     }
 }

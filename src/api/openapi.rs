@@ -4,24 +4,26 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{correspondence, error, health, inbox, log, postal, providers};
+use super::{callbacks, correspondence, error, health, inbox, log, postal, providers};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Dalil", description = "Delivery and proof of delivery of official correspondence."),
     paths(
         health::healthz, health::readyz,
-        correspondence::submit, correspondence::list, correspondence::get_one, correspondence::templates,
+        correspondence::submit, correspondence::list, correspondence::get_one, correspondence::recall, correspondence::templates,
         inbox::list, inbox::open, inbox::attachment, inbox::acknowledge,
         log::latest, log::at_size, log::inclusion, log::consistency, log::keys,
         log::agency_bundle, log::citizen_bundle, log::verify,
         providers::sms_report,
+        callbacks::create, callbacks::list, callbacks::remove, callbacks::deliveries, callbacks::replay,
         postal::claim, postal::pdf, postal::event, postal::bulk,
     ),
     components(schemas(error::Problem)),
     modifiers(&Security),
     tags(
         (name = "agency", description = "Agencies send correspondence and follow it (API key)."),
+        (name = "callbacks", description = "Agencies' callback URLs: signed POSTs of their items' events (API key)."),
         (name = "citizen", description = "Citizens read their inbox (identity-provider token)."),
         (name = "log", description = "The evidence log: checkpoints, proofs, keys, verification (public)."),
         (name = "postal", description = "Postal operators: claim letters, fetch PDFs, report handover (operator key)."),

@@ -304,10 +304,12 @@ async fn apply(state: &AppState, op: &Operator, item_id: &str, ev: &PostalEvent)
     };
     let ctx = ItemContext::load(&mut tx, item_id).await?;
     let serves = rule.filter(|r| state.policies.by_id(&ctx.policy_id).is_some_and(|p| p.served_on.contains(r)));
-    let served_already: bool = sqlx::query_scalar("select served_at is not null from item where id = $1")
-        .bind(item_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    // A recalled item is never served afterwards; the event is still recorded.
+    let served_already: bool =
+        sqlx::query_scalar("select served_at is not null or recalled_at is not null from item where id = $1")
+            .bind(item_id)
+            .fetch_one(&mut *tx)
+            .await?;
     let serve_now = serves.filter(|_| !served_already);
     let mut details = detail.clone();
     details["operator"] = op.code.clone().into();
@@ -336,7 +338,7 @@ async fn apply(state: &AppState, op: &Operator, item_id: &str, ev: &PostalEvent)
         _ => "delivered",
     };
     sqlx::query(
-        "update item set status = case when served_at is null then $2 else status end, updated_at = now(),
+        "update item set status = case when served_at is null and recalled_at is null then $2 else status end, updated_at = now(),
                 served_at = coalesce(served_at, $3), served_rule = coalesce(served_rule, $4),
                 served_evidence = coalesce(served_evidence, $5)
          where id = $1",

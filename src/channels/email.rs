@@ -1,4 +1,5 @@
-//! Email notices over SMTP (lettre's async pooled transport). Every send is wrapped in a
+//! Email notices over SMTP (lettre's async pooled transport), or as `.eml` files in a folder
+//! where no SMTP server is configured (development, `dalil demo`). Every send is wrapped in a
 //! timeout, since lettre's own covers connecting only. SMTP 5xx is permanent; 4xx, connection
 //! errors and timeouts are transient. The Message-ID is derived from the attempt id, so the
 //! evidence names the exact message and a resend after a crash carries the same id.
@@ -19,9 +20,15 @@ use super::{Channel, ChannelError, Job, Sent};
 use crate::config::Settings;
 use crate::evidence::Event;
 
+/// Where messages go: an SMTP relay, or `.eml` files in a folder (`email.transport = "file"`).
+enum Transport {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    File(lettre::AsyncFileTransport<Tokio1Executor>, std::path::PathBuf),
+}
+
 pub struct Email {
     pool: PgPool,
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    transport: Transport,
     from: Mailbox,
     timeout: Duration,
     dkim: Option<DkimConfig>,
@@ -52,9 +59,16 @@ impl Email {
             let key = DkimSigningKey::new(&pem, algorithm).map_err(|e| anyhow::anyhow!("DKIM key: {e:?}"))?;
             Some(DkimConfig::default_config(e.dkim_selector.clone(), e.dkim_domain.clone(), key))
         };
+        let transport = if e.transport == "file" {
+            std::fs::create_dir_all(&e.file_dir)
+                .with_context(|| format!("creating email.file_dir {}", e.file_dir.display()))?;
+            Transport::File(lettre::AsyncFileTransport::new(&e.file_dir), e.file_dir.clone())
+        } else {
+            Transport::Smtp(builder.build())
+        };
         Ok(Email {
             pool,
-            transport: builder.build(),
+            transport,
             from: e.from.parse().context("email.from")?,
             timeout: Duration::from_millis(e.timeout_ms),
             dkim,
@@ -91,7 +105,25 @@ impl Channel for Email {
             if let Some(dkim) = &self.dkim {
                 message.sign(dkim);
             }
-            match tokio::time::timeout(self.timeout, self.transport.send(message)).await {
+            let smtp = match &self.transport {
+                Transport::Smtp(smtp) => smtp,
+                Transport::File(files, dir) => {
+                    let id = tokio::time::timeout(self.timeout, files.send(message))
+                        .await
+                        .map_err(|_| ChannelError::Transient("writing the .eml file timed out".into()))?
+                        .map_err(|e| ChannelError::Transient(format!("writing the .eml file: {e}")))?;
+                    let path = dir.join(format!("{id}.eml"));
+                    tracing::info!(to, file = %path.display(), "email written to a file (email.transport = \"file\")");
+                    return Ok(Sent {
+                        event: Some(Event::ConsignmentNotification),
+                        details: serde_json::json!({ "to": to, "message_id": message_id, "file": path.display().to_string() }),
+                        provider_ref: Some(message_id),
+                        segments: None,
+                        document: None,
+                    });
+                }
+            };
+            match tokio::time::timeout(self.timeout, smtp.send(message)).await {
                 Err(_) => Err(ChannelError::Transient(format!("SMTP send timed out after {:?}", self.timeout))),
                 Ok(Err(e)) if e.is_permanent() => Err(ChannelError::Permanent(format!("SMTP refused: {e}"))),
                 Ok(Err(e)) => Err(ChannelError::Transient(format!("SMTP: {e}"))),

@@ -139,7 +139,7 @@ impl TestApp {
         let app = App::build(settings.clone()).await.expect("app builds");
         let address = format!("http://127.0.0.1:{}", app.port());
         let pool = app.pool.clone();
-        let channels = vec!["inbox".into(), "sms".into(), "email".into(), "postal".into()];
+        let channels = vec!["inbox".into(), "sms".into(), "email".into(), "postal".into(), "webhooks".into()];
         let handle = tokio::spawn(app.run_until_stopped(options.roles, channels, cancel.clone()));
         TestApp {
             address,
@@ -266,6 +266,11 @@ impl Drop for TestApp {
         })
         .join();
     }
+}
+
+/// A token of the development identity provider for this PINFL.
+pub fn citizen_token(app: &TestApp, pinfl: &str) -> String {
+    dalil::admin::citizen_token(&app.settings, pinfl, 600).unwrap()["token"].as_str().unwrap().to_string()
 }
 
 /// Valid summons content for the court-summons template.

@@ -2,11 +2,13 @@
 
 mod admin;
 mod bad_input;
+mod callbacks;
 mod faults;
 mod helpers;
 mod idempotency;
 mod notices;
 mod operations;
+mod policies;
 mod postal;
 mod proof;
 mod smtp;
