@@ -308,6 +308,7 @@ pub struct Caller {
 #[derive(sqlx::FromRow)]
 struct Call {
     status: String,
+    attempts: i32,
     url: String,
     secret: String,
     disabled_at: Option<DateTime<Utc>>,
@@ -336,20 +337,23 @@ impl Caller {
         }
     }
 
-    pub async fn process(&self, body: &[u8]) -> Outcome {
+    /// Makes the call a message asks for. `retries` (how often the message went round the
+    /// retry queues) numbers the attempt: RabbitMQ may hand out a copy twice, and only one
+    /// copy per attempt number goes on retrying.
+    pub async fn process(&self, body: &[u8], retries: u32) -> Outcome {
         let delivery_id = match Self::delivery_id(body) {
             Ok(id) => id,
             Err(outcome) => return outcome,
         };
-        match self.call(delivery_id).await {
+        match self.call(delivery_id, retries as i32).await {
             Ok(outcome) => outcome,
             Err(e) => Outcome::Retry(format!("database: {e}")),
         }
     }
 
-    async fn call(&self, delivery_id: Uuid) -> sqlx::Result<Outcome> {
+    async fn call(&self, delivery_id: Uuid, retries: i32) -> sqlx::Result<Outcome> {
         let call: Option<Call> = sqlx::query_as(
-            "select d.status, ep.url, ep.secret, ep.disabled_at, ev.payload, ev.id as event_id, ev.type as kind
+            "select d.status, d.attempts, ep.url, ep.secret, ep.disabled_at, ev.payload, ev.id as event_id, ev.type as kind
              from callback_delivery d join callback_endpoint ep on ep.id = d.endpoint_id
              join callback_event ev on ev.id = d.event_id where d.id = $1",
         )
@@ -364,11 +368,11 @@ impl Caller {
             self.finish(delivery_id, "failed", None, Some("the endpoint was removed")).await?;
             return Ok(Outcome::Done);
         }
-        let attempt: i32 =
-            sqlx::query_scalar("update callback_delivery set attempts = attempts + 1 where id = $1 returning attempts")
-                .bind(delivery_id)
-                .fetch_one(&self.pool)
-                .await?;
+        if call.attempts > retries {
+            // A copy of this message already made this attempt (and scheduled what follows).
+            return Ok(Outcome::Done);
+        }
+        let attempt = retries + 1;
         let body = serde_json::to_vec(&call.payload).expect("JSON");
         let timestamp = Utc::now().timestamp();
         let started = Instant::now();
@@ -393,6 +397,26 @@ impl Caller {
             Err(e) if e.is_connect() => (None, Some(format!("could not connect: {e}"))),
             Err(e) => (None, Some(format!("{e}"))),
         };
+        // The attempt counts once, whichever copy records it first; the other copy stops here
+        // so that one chain of retries goes on, not two. (Counted after the call: a worker that
+        // dies during the call leaves the attempt to the message's redelivery.)
+        let mut tx = self.pool.begin().await?;
+        let first = sqlx::query(
+            "update callback_delivery set attempts = $2, last_status = $3, last_error = $4
+             where id = $1 and attempts = $5 and status = 'pending'",
+        )
+        .bind(delivery_id)
+        .bind(attempt)
+        .bind(code)
+        .bind(&error)
+        .bind(retries)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !first {
+            return Ok(Outcome::Done);
+        }
         sqlx::query(
             "insert into callback_attempt (delivery_id, n, at, status_code, error, duration_ms)
              values ($1, $2, now(), $3, $4, $5) on conflict do nothing",
@@ -402,22 +426,15 @@ impl Caller {
         .bind(code)
         .bind(&error)
         .bind(elapsed)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         match error {
             None => {
                 self.finish(delivery_id, "delivered", code, None).await?;
                 Ok(Outcome::Done)
             }
-            Some(why) => {
-                sqlx::query("update callback_delivery set last_status = $2, last_error = $3 where id = $1")
-                    .bind(delivery_id)
-                    .bind(code)
-                    .bind(&why)
-                    .execute(&self.pool)
-                    .await?;
-                Ok(Outcome::Retry(format!("callback {}: {why}", call.url)))
-            }
+            Some(why) => Ok(Outcome::Retry(format!("callback {}: {why}", call.url))),
         }
     }
 

@@ -26,6 +26,14 @@ pub struct Cli {
 pub enum Command {
     /// Migrate, declare the topology, then serve, relay and deliver in one process.
     All,
+    /// The whole story in one command, on a fresh database: a summons opened and one never
+    /// opened (escalated to paper, then deemed served), a notification, a letter on paper;
+    /// fast timers, SMS simulator, scripted postal operator; every proof bundle verified.
+    Demo {
+        /// Keep the demo's database afterwards (for a look with psql).
+        #[arg(long)]
+        keep: bool,
+    },
     /// The HTTP API.
     Serve,
     /// Publishes the outbox to RabbitMQ.
@@ -292,7 +300,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let quiet = matches!(cli.command, Command::Admin { .. });
+    let quiet = matches!(cli.command, Command::Admin { .. } | Command::Demo { .. });
     init_tracing(&settings, quiet);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli.command, settings)) {
@@ -309,7 +317,7 @@ pub fn main() -> ExitCode {
 
 fn init_tracing(settings: &Settings, quiet: bool) {
     use tracing_subscriber::EnvFilter;
-    let default = if quiet { "warn" } else { "info,sqlx=warn,lapin=warn,tower_http=info" };
+    let default = if quiet { "warn,lapin=off" } else { "info,sqlx=warn,lapin=warn,tower_http=info" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if settings.log_format == "json" {
@@ -334,6 +342,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let roles = Roles { simulator: app.settings.sms.start_simulator, ..Roles::ALL };
             app.run_until_stopped(roles, channels, app::shutdown_token()).await
         }
+        Command::Demo { keep } => crate::demo::run(&settings, crate::demo::Options { keep }).await,
         Command::Serve => start(settings, Roles { serve: true, ..Roles::NONE }, vec![]).await,
         Command::Relay => start(settings, Roles { relay: true, ..Roles::NONE }, vec![]).await,
         Command::Scheduler => start(settings, Roles { scheduler: true, ..Roles::NONE }, vec![]).await,

@@ -24,6 +24,7 @@ pub mod channels;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod domain;
 pub mod evidence;
 pub mod identity;

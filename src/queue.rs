@@ -220,11 +220,17 @@ fn exchange_kind(kind: &str) -> anyhow::Result<ExchangeKind> {
     })
 }
 
+/// How long opening a connection may take. lapin's handshake can wait for ever when the
+/// connection breaks half-way (amqp-rs/lapin#470); a role must give up and try again instead.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn connect(url: &str, name: &str) -> anyhow::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    Connection::connect(url, props)
+    let redacted = crate::config::redact(url);
+    tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props))
         .await
-        .with_context(|| format!("connecting to RabbitMQ at {}", crate::config::redact(url)))
+        .map_err(|_| anyhow::anyhow!("connecting to RabbitMQ at {redacted}: no answer within {CONNECT_TIMEOUT:?}"))?
+        .with_context(|| format!("connecting to RabbitMQ at {redacted}"))
 }
 
 #[cfg(test)]

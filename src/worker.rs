@@ -219,7 +219,8 @@ async fn record_failure(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid, 
 /// What a consumer does with each message of its queue.
 trait Handler: Send + Sync {
     fn name(&self) -> &str;
-    fn process<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Outcome>;
+    /// `retries`: how many times this message went round the retry queues.
+    fn process<'a>(&'a self, body: &'a [u8], retries: u32) -> BoxFuture<'a, Outcome>;
     /// After the last retry: record the failure for good.
     fn give_up<'a>(&'a self, body: &'a [u8], why: &'a str) -> BoxFuture<'a, Outcome>;
 }
@@ -234,7 +235,7 @@ impl Handler for ChannelHandler {
         self.channel.name()
     }
 
-    fn process<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Outcome> {
+    fn process<'a>(&'a self, body: &'a [u8], _retries: u32) -> BoxFuture<'a, Outcome> {
         Box::pin(process(&self.pool, self.channel.as_ref(), body))
     }
 
@@ -248,8 +249,8 @@ impl Handler for crate::callbacks::Caller {
         queue::CALLBACKS
     }
 
-    fn process<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Outcome> {
-        Box::pin(crate::callbacks::Caller::process(self, body))
+    fn process<'a>(&'a self, body: &'a [u8], retries: u32) -> BoxFuture<'a, Outcome> {
+        Box::pin(crate::callbacks::Caller::process(self, body, retries))
     }
 
     fn give_up<'a>(&'a self, body: &'a [u8], why: &'a str) -> BoxFuture<'a, Outcome> {
@@ -351,7 +352,7 @@ async fn consume(
         let (handler, amqp, ladder) = (handler.clone(), amqp.clone(), ladder.clone());
         let topology = topology.clone();
         tokio::spawn(async move {
-            let mut outcome = handler.process(&delivery.data).await;
+            let mut outcome = handler.process(&delivery.data, retries_of(&delivery)).await;
             if let Outcome::Retry(why) = &outcome {
                 if retries_of(&delivery) as usize >= ladder.len() {
                     // The last delay passed: the work fails for good, recorded.

@@ -3,6 +3,7 @@
 mod admin;
 mod bad_input;
 mod callbacks;
+mod demo;
 mod faults;
 mod helpers;
 mod idempotency;
