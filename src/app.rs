@@ -82,6 +82,7 @@ impl App {
             policies: Arc::new(policies),
             identity: Arc::new(identity),
             broker: Arc::new(BrokerProbe::default()),
+            pages: Arc::new(crate::web::Pages::load(&settings.templates_dir.join("web"))?),
         };
         Ok(App { settings, pool, topology, listener, state })
     }
@@ -134,7 +135,7 @@ impl App {
             let cancel = cancel.clone();
             tracing::info!(addr = %listener.local_addr()?, "serving HTTP");
             tasks.spawn(async move {
-                axum::serve(listener, app)
+                axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
                     .with_graceful_shutdown(async move { cancel.cancelled().await })
                     .await
                     .context("HTTP server")

@@ -33,6 +33,7 @@ pub struct Settings {
     pub email: EmailSettings,
     pub postal: PostalSettings,
     pub callbacks: CallbackSettings,
+    pub web: WebSettings,
     pub retention: RetentionSettings,
     /// Not in the file: tests set it so that their queues disappear when unused.
     #[serde(default)]
@@ -115,6 +116,18 @@ pub struct EmailSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct PostalSettings {
     pub unconfirmed_after_days: i32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSettings {
+    pub secure_cookies: bool,
+    pub session_idle_minutes: i32,
+    pub session_max_hours: i32,
+    pub code_ttl_seconds: i32,
+    pub code_attempts: i32,
+    pub codes_per_pinfl_per_hour: i64,
+    pub codes_per_address_per_hour: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

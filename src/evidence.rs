@@ -32,6 +32,9 @@ pub enum Event {
     Undeliverable,
     DeemedDelivery,
     Recall,
+    /// A recipient changed their own settings (digital consent, contact points). Not about an
+    /// item: the record names the recipient only.
+    RecipientSettingsChange,
 }
 
 impl Event {
@@ -220,6 +223,86 @@ pub async fn append(
     Ok(appended)
 }
 
+#[derive(Serialize)]
+struct RecipientRecord<'a> {
+    version: u32,
+    log_index: i64,
+    evidence_id: Uuid,
+    event: Event,
+    at: String,
+    recipient: Value,
+    actor: &'a Actor,
+    channel: &'a Option<String>,
+    details: &'a Value,
+}
+
+/// Appends one record about a recipient rather than an item (their own settings). Takes the
+/// log head like [`append`]: call it last in the transaction.
+pub async fn append_for_recipient(
+    conn: &mut PgConnection,
+    recipient_id: Uuid,
+    recipient: Value,
+    e: NewEvidence,
+) -> sqlx::Result<Appended> {
+    let evidence_id = Uuid::now_v7();
+    let log_index: i64 = sqlx::query_scalar("update evidence_log_head set size = size + 1 returning size - 1")
+        .fetch_one(&mut *conn)
+        .await?;
+    let at = truncate(e.at);
+    let bytes = canonical(&RecipientRecord {
+        version: 1,
+        log_index,
+        evidence_id,
+        event: e.event,
+        at: format_time(at),
+        recipient,
+        actor: &e.actor,
+        channel: &e.channel,
+        details: &e.details,
+    });
+    let hash = Sha256::digest(&bytes).to_vec();
+    sqlx::query(
+        "insert into evidence (log_index, evidence_id, item_id, recipient_id, event, at, channel, canonical, sha256,
+                               leaf_hash)
+         values ($1, $2, null, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(log_index)
+    .bind(evidence_id)
+    .bind(recipient_id)
+    .bind(e.event.as_str())
+    .bind(at)
+    .bind(&e.channel)
+    .bind(&bytes)
+    .bind(&hash)
+    .bind(crate::merkle::leaf_hash(&bytes).to_vec())
+    .execute(&mut *conn)
+    .await?;
+    Ok(Appended { log_index, evidence_id, event: e.event, at, sha256: hex::encode(&hash) })
+}
+
+/// A recipient's own records (settings changes), oldest first.
+pub async fn for_recipient(conn: &mut PgConnection, recipient_id: Uuid) -> sqlx::Result<Vec<StoredEvidence>> {
+    let rows: Vec<EvidenceRow> = sqlx::query_as(
+        "select log_index, event, at, channel, canonical, sha256 from evidence where recipient_id = $1
+         order by log_index",
+    )
+    .bind(recipient_id)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(stored).collect())
+}
+
+fn stored(r: EvidenceRow) -> StoredEvidence {
+    StoredEvidence {
+        log_index: r.log_index,
+        event: r.event,
+        at: r.at,
+        channel: r.channel,
+        sha256: hex::encode(r.sha256),
+        record: serde_json::from_slice(&r.canonical).unwrap_or(Value::Null),
+    }
+}
+
 /// A stored record, for the API.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StoredEvidence {
@@ -251,17 +334,7 @@ pub async fn for_item(conn: &mut PgConnection, item_id: Uuid) -> sqlx::Result<Ve
     .bind(item_id)
     .fetch_all(conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| StoredEvidence {
-            log_index: r.log_index,
-            event: r.event,
-            at: r.at,
-            channel: r.channel,
-            sha256: hex::encode(r.sha256),
-            record: serde_json::from_slice(&r.canonical).unwrap_or(Value::Null),
-        })
-        .collect())
+    Ok(rows.into_iter().map(stored).collect())
 }
 
 #[cfg(test)]

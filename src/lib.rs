@@ -41,4 +41,5 @@ pub mod sim;
 pub mod sms;
 pub mod templates;
 pub mod timers;
+pub mod web;
 pub mod worker;

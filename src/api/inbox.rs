@@ -141,6 +141,17 @@ async fn record_open(
     row: &mut EntryRow,
     citizen: &Citizen,
 ) -> ApiResult<()> {
+    record_open_via(tx, state, row, citizen, "api").await
+}
+
+/// The first open, recorded with where it happened (`api` or `web`).
+async fn record_open_via(
+    tx: &mut Transaction<'_, Postgres>,
+    state: &AppState,
+    row: &mut EntryRow,
+    citizen: &Citizen,
+    via: &str,
+) -> ApiResult<()> {
     if row.first_opened_at.is_some() {
         return Ok(());
     }
@@ -155,7 +166,7 @@ async fn record_open(
     let ctx = ItemContext::load(tx, row.id).await?;
     let serves = state.policies.by_id(&ctx.policy_id).is_some_and(|p| p.served_on.contains(&ServiceRule::Accessed));
     let serve_now = serves && row.served_at.is_none();
-    let mut details = serde_json::json!({ "via": "api" });
+    let mut details = serde_json::json!({ "via": via });
     if serve_now {
         details["served"] = serde_json::json!({ "rule": ServiceRule::Accessed.as_str() });
     }
@@ -206,17 +217,22 @@ pub async fn open(
     citizen: Citizen,
     Path(id): Path<String>,
 ) -> ApiResult<Json<InboxItem>> {
+    open_via(&state, &citizen, &id, "api").await.map(Json)
+}
+
+/// Opens an item for its recipient, recording the first open (and service) as evidence.
+pub(crate) async fn open_via(state: &AppState, citizen: &Citizen, id: &str, via: &str) -> ApiResult<InboxItem> {
     let mut tx = state.pool.begin().await?;
-    let mut row = lock_entry(&mut tx, &citizen, &id).await?;
-    record_open(&mut tx, &state, &mut row, &citizen).await?;
+    let mut row = lock_entry(&mut tx, citizen, id).await?;
+    record_open_via(&mut tx, state, &mut row, citizen, via).await?;
     let attachments = attachment_digests(&mut tx, row.id).await?;
     tx.commit().await?;
-    Ok(Json(InboxItem {
+    Ok(InboxItem {
         entry: row.entry(),
         content_html: row.content_html.clone(),
         content_sha256: row.content_sha256.clone(),
         attachments,
-    }))
+    })
 }
 
 #[utoipa::path(get, path = "/v1/inbox/{id}/attachments/{n}", tag = "citizen",
@@ -297,9 +313,19 @@ pub async fn acknowledge(
     citizen: Citizen,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Acknowledged>> {
+    acknowledge_via(&state, &citizen, &id, "api").await.map(Json)
+}
+
+/// Records the recipient's acknowledgement (once), with where it happened.
+pub(crate) async fn acknowledge_via(
+    state: &AppState,
+    citizen: &Citizen,
+    id: &str,
+    via: &str,
+) -> ApiResult<Acknowledged> {
     let mut tx = state.pool.begin().await?;
-    let mut row = lock_entry(&mut tx, &citizen, &id).await?;
-    record_open(&mut tx, &state, &mut row, &citizen).await?;
+    let mut row = lock_entry(&mut tx, citizen, id).await?;
+    record_open_via(&mut tx, state, &mut row, citizen, via).await?;
     let at = match row.acknowledged_at {
         Some(at) => at, // acknowledging twice changes nothing
         None => {
@@ -318,7 +344,7 @@ pub async fn acknowledge(
                     at,
                     actor: Actor::Citizen(citizen.pinfl.to_string()),
                     channel: Some("inbox".into()),
-                    details: serde_json::json!({ "via": "api" }),
+                    details: serde_json::json!({ "via": via }),
                     digests: Some(serde_json::json!({ "content": { "sha256": row.content_sha256 } })),
                 }],
             )
@@ -327,5 +353,5 @@ pub async fn acknowledge(
         }
     };
     tx.commit().await?;
-    Ok(Json(Acknowledged { id: row.id, acknowledged_at: at }))
+    Ok(Acknowledged { id: row.id, acknowledged_at: at })
 }

@@ -36,6 +36,7 @@ pub struct AppState {
     pub policies: Arc<Policies>,
     pub identity: Arc<Verifier>,
     pub broker: Arc<health::BrokerProbe>,
+    pub pages: Arc<crate::web::Pages>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -70,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/inbox/{id}", get(inbox::open))
         .route("/v1/inbox/{id}/attachments/{n}", get(inbox::attachment))
         .route("/v1/inbox/{id}/acknowledge", post(inbox::acknowledge))
+        .merge(crate::web::router())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body))

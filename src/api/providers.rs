@@ -65,7 +65,17 @@ pub async fn sms_report(
     .fetch_optional(&mut *tx)
     .await?;
     // A report can outrun our own commit of the send: the provider retries a 404.
-    let Some((attempt_id, item_id, status)) = message else { return Err(ApiError::NotFound) };
+    let Some((attempt_id, item_id, status)) = message else {
+        // A sign-in code of the web inbox: taken, nothing to record.
+        let otp: bool = sqlx::query_scalar("select exists (select 1 from otp_challenge where provider_ref = $1)")
+            .bind(&report.id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if otp {
+            return Ok(Json(serde_json::json!({ "taken": true, "reason": "a sign-in code" })));
+        }
+        return Err(ApiError::NotFound);
+    };
     let first = sqlx::query(
         "insert into sms_report (provider, provider_id, status) values ($1, $2, $3) on conflict do nothing",
     )

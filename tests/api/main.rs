@@ -2,6 +2,7 @@
 
 mod admin;
 mod bad_input;
+mod browser;
 mod callbacks;
 mod demo;
 mod faults;
@@ -15,3 +16,4 @@ mod proof;
 mod smtp;
 mod submission;
 mod tenancy;
+mod web;
