@@ -309,3 +309,59 @@ async fn opening_acknowledging_and_settings_are_evidence() {
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(app.count("select count(*) from evidence where event = 'RecipientSettingsChange'").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_are_rate_limited_per_client_address_too() {
+    let app = TestApp::spawn_with(Options { tweak: |s| s.web.codes_per_address_per_hour = 3, ..Default::default() }).await;
+    let mut web = WebClient::new(&app);
+    let csrf = web.get("/signin").await.field("csrf");
+    // Different PINFLs from one address: the address runs out.
+    for i in 0..3 {
+        let pinfl = dalil::domain::Pinfl::with_check_digit(&format!("30101903234{:02}", 70 + i)).to_string();
+        let r = web.post("/signin", &[("csrf", &csrf), ("pinfl", &pinfl)]).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+    }
+    let pinfl = dalil::domain::Pinfl::with_check_digit("3010190323479").to_string();
+    let r = web.post("/signin", &[("csrf", &csrf), ("pinfl", &pinfl)]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_qr_code_of_a_letter_leads_to_its_public_check() {
+    let app = TestApp::spawn().await;
+    let key = app.agency("court-web-qr").await;
+    dalil::admin::postal_operator_create(&app.pool, "uzpost-qr", "Pochta", &["UZ-TK".into()]).await.unwrap();
+    let pinfl = dalil::domain::Pinfl::with_check_digit("3010190323480");
+    let input = dalil::admin::RecipientInput {
+        pinfl: Some(pinfl.to_string()),
+        name: Some("Qodirov Sardor".into()),
+        region: Some("UZ-TK".into()),
+        district: Some("Mirobod tumani".into()),
+        street: Some("Amir Temur shoh koʻchasi".into()),
+        house: Some("3".into()),
+        postcode: Some("100000".into()),
+        digital_consent: Some(false),
+        ..Default::default()
+    };
+    dalil::admin::recipient_upsert(&app.pool, &input).await.unwrap();
+    let v: Value = app.submit(&key, "q-1", &summons(pinfl.as_str())).await.json().await.unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while app.count(&format!("select count(*) from letter where item_id = '{id}'")).await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no letter");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let sha: String = sqlx::query_scalar(&format!("select pdf_sha256 from letter where item_id = '{id}'"))
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let mut web = WebClient::new(&app);
+    let page = web.get(&format!("/verify/{id}")).await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains(&sha), "the printed letter's fingerprint");
+    assert!(page.body.contains("2-1234&#x2f;2026"), "the reference (HTML-escaped)");
+    assert!(!page.body.contains("Qodirov"), "no personal data on a public page");
+    // Anything else: nothing is revealed.
+    assert_eq!(web.get(&format!("/verify/{}", uuid::Uuid::now_v7())).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(web.get("/verify/not-an-id").await.status, StatusCode::NOT_FOUND);
+}
