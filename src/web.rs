@@ -1071,7 +1071,8 @@ async fn verify(State(state): State<AppState>, headers: HeaderMap, mut form: Mul
 
 fn verdict_view(page: &Page, v: &crate::proof::Verdict) -> Value {
     let mut lines = Vec::new();
-    if let Some(item) = &v.item {
+    // What an invalid bundle claims is not shown: it would read as fact.
+    if let Some(item) = v.item.as_ref().filter(|_| v.valid) {
         lines.push(page.fill(
             "verdict_item",
             &[("reference", &item.reference), ("sender", &item.sender.name), ("date", &local(item.submitted_at))],

@@ -312,7 +312,8 @@ async fn opening_acknowledging_and_settings_are_evidence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn codes_are_rate_limited_per_client_address_too() {
-    let app = TestApp::spawn_with(Options { tweak: |s| s.web.codes_per_address_per_hour = 3, ..Default::default() }).await;
+    let app =
+        TestApp::spawn_with(Options { tweak: |s| s.web.codes_per_address_per_hour = 3, ..Default::default() }).await;
     let mut web = WebClient::new(&app);
     let csrf = web.get("/signin").await.field("csrf");
     // Different PINFLs from one address: the address runs out.
