@@ -63,6 +63,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// End-to-end throughput: starts Dalil on a fresh database, drives N items through the API
+    /// with C clients, and reports rates, latencies, memory, CPU and the machine's ceilings.
+    Bench {
+        /// Items to send.
+        #[arg(long, default_value_t = 20_000)]
+        items: usize,
+        /// Concurrent HTTP clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Worker processes (with separate serve, relay and scheduler processes); 0 runs one
+        /// `dalil all`.
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// Seconds each raw ceiling (PostgreSQL, RabbitMQ) is measured for.
+        #[arg(long, default_value_t = 5)]
+        ceiling_seconds: u64,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Keep the benchmark's database afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Measures the evidence log's costs at a given size, in a scratch database.
     BenchLog {
         /// Records to fill the log with before measuring.
@@ -300,7 +323,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let quiet = matches!(cli.command, Command::Admin { .. } | Command::Demo { .. });
+    let quiet = matches!(cli.command, Command::Admin { .. } | Command::Demo { .. } | Command::Bench { .. });
     init_tracing(&settings, quiet);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli.command, settings)) {
@@ -360,6 +383,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             )
             .serve(listener, app::shutdown_token())
             .await
+        }
+        Command::Bench { items, clients, workers, ceiling_seconds, json, keep } => {
+            let binary = std::env::current_exe().context("finding the dalil binary")?;
+            let options =
+                crate::bench::Options { items, clients, workers, ceiling_seconds, json, keep, binary, print: true };
+            crate::bench::run(&settings, options).await.map(|_| ())
         }
         Command::BenchLog { records, writers, appends, proofs, keep } => {
             crate::bench_log::run(&settings, crate::bench_log::Options { records, writers, appends, proofs, keep })

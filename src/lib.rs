@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod bench_log;
 pub mod callbacks;
 pub mod channels;

@@ -70,6 +70,8 @@ pub struct Received {
     pub segments: i32,
     /// How many requests carried this client_ref (resends are answered, not re-sent).
     pub requests: u32,
+    /// When the first request for it arrived.
+    pub received_at: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Default)]
@@ -168,7 +170,13 @@ async fn send(State(sim): State<Simulator>, headers: HeaderMap, Json(req): Json<
     }
     let index = inner.messages.len();
     inner.by_ref.insert(req.client_ref.clone(), index);
-    inner.messages.push(Received { id: id.clone(), request: req.clone(), segments, requests: 1 });
+    inner.messages.push(Received {
+        id: id.clone(),
+        request: req.clone(),
+        segments,
+        requests: 1,
+        received_at: chrono::Utc::now(),
+    });
     let behaviour = inner.behaviour.clone();
     drop(inner);
     tokio::spawn(report(sim.clone(), id.clone(), req.client_ref.clone(), req.callback_url.clone(), behaviour));

@@ -2,6 +2,7 @@
 
 mod admin;
 mod bad_input;
+mod bench;
 mod browser;
 mod callbacks;
 mod demo;

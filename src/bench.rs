@@ -1,0 +1,624 @@
+//! `dalil bench`: end-to-end throughput, like `pgbench` or `redis-benchmark`.
+//!
+//! It starts Dalil as separate processes of this binary (`dalil all`, or `serve`, `relay`,
+//! `scheduler` and K `worker`s) on a fresh database and queue prefix of its own, with an SMS
+//! gateway simulator in this process. It creates an agency and recipients, drives N items
+//! through the HTTP API with C concurrent clients, and measures:
+//!
+//! - accepted items/s and the latency of `POST /v1/correspondence` (to the `202`);
+//! - end-to-end items/s and latency from submission to ContentConsignment in the inbox, and to
+//!   the SMS notice accepted by the gateway;
+//! - peak RSS and CPU seconds of the Dalil processes;
+//! - the raw ceilings of the same machine in the same run: three-row insert transactions/s on
+//!   the same PostgreSQL, and confirmed 1 KB publishes/s on the same RabbitMQ.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::Settings;
+
+pub struct Options {
+    pub items: usize,
+    pub clients: usize,
+    /// Worker processes; 0 runs everything in one `dalil all` process.
+    pub workers: usize,
+    /// Seconds each raw ceiling is measured for.
+    pub ceiling_seconds: u64,
+    pub json: Option<PathBuf>,
+    pub keep: bool,
+    /// The `dalil` binary to start (this one, normally).
+    pub binary: PathBuf,
+    /// Print the progress bar and the table.
+    pub print: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+fn latency(mut ms: Vec<f64>) -> Latency {
+    if ms.is_empty() {
+        return Latency { p50_ms: 0.0, p95_ms: 0.0, p99_ms: 0.0, max_ms: 0.0 };
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1];
+    Latency { p50_ms: at(0.50), p95_ms: at(0.95), p99_ms: at(0.99), max_ms: ms[ms.len() - 1] }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub items: usize,
+    pub clients: usize,
+    pub worker_processes: usize,
+    pub accepted: usize,
+    pub refused: usize,
+    pub accepted_per_second: f64,
+    pub accept_latency: Latency,
+    pub consigned: usize,
+    pub sms_sent: usize,
+    pub end_to_end_per_second: f64,
+    pub consign_latency: Latency,
+    pub sms_latency: Latency,
+    pub peak_rss_mib: f64,
+    pub cpu_seconds: f64,
+    pub pg_three_row_tx_per_second: f64,
+    pub rabbitmq_confirmed_publishes_per_second: f64,
+    pub accepted_ratio_to_pg: f64,
+    pub end_to_end_ratio_to_pg: f64,
+}
+
+/// The Dalil processes under test, stopped (SIGTERM, then SIGKILL) on drop.
+struct Fleet {
+    children: Vec<(String, Child)>,
+}
+
+impl Fleet {
+    fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|(_, c)| c.id()).collect()
+    }
+
+    fn alive(&mut self) -> anyhow::Result<()> {
+        for (role, c) in &mut self.children {
+            if let Some(status) = c.try_wait()? {
+                bail!("dalil {role} exited during the benchmark: {status}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        for (_, c) in &self.children {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        }
+        for _ in 0..100 {
+            if self.children.iter_mut().all(|(_, c)| c.try_wait().ok().flatten().is_some()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Peak resident set (VmHWM, KiB) and CPU seconds (utime + stime) of a process, from /proc.
+fn usage(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; clock ticks
+    // are 100 per second on Linux (USER_HZ).
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    (hwm, ticks as f64 / 100.0)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub async fn run(base: &Settings, o: Options) -> anyhow::Result<Report> {
+    anyhow::ensure!(o.items > 0 && o.clients > 0, "--items and --clients must be at least 1");
+    let stamp = format!("{}_{}", Utc::now().format("%Y%m%d_%H%M%S"), &Uuid::new_v4().simple().to_string()[..6]);
+    let db_name = format!("dalil_bench_{stamp}");
+    let url = base.database_url.expose_secret();
+    let (server, _) = url.rsplit_once('/').context("database_url has no database name")?;
+    let dir = std::env::temp_dir().join(format!("dalil-bench-{stamp}"));
+    std::fs::create_dir_all(&dir)?;
+    let mut s = base.clone();
+    s.database_url = SecretString::from(format!("{server}/{db_name}"));
+    s.queue_prefix = format!("bench-{stamp}.");
+    s.queue_expires_ms = Some(600_000);
+    s.database.max_connections = 32;
+    crate::db::migrate(&s).await?;
+    let topology = crate::app::declare_topology(&s).await?;
+    let result = bench(&s, &o, &dir).await;
+    // Clean up, whatever happened.
+    if let Ok(conn) = crate::queue::connect(s.amqp_url.expose_secret(), "dalil-bench-cleanup").await {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = topology.delete(&ch).await;
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    }
+    if !o.keep {
+        let admin = crate::db::connect(&Settings {
+            database_url: SecretString::from(format!("{server}/postgres")),
+            ..s.clone()
+        })
+        .await?;
+        sqlx::query(&format!("drop database if exists {db_name} with (force)")).execute(&admin).await?;
+    } else if o.print {
+        println!("kept database {db_name}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = result?;
+    if let Some(path) = &o.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if o.print {
+        print!("{}", table(&report));
+    }
+    Ok(report)
+}
+
+async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Result<Report> {
+    let cancel = CancellationToken::new();
+    let sim = crate::sim::Simulator::new("bench-sms-token", "bench-report-secret", true);
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim_url = format!("http://{}", sim_listener.local_addr()?);
+    tokio::spawn(sim.clone().serve(sim_listener, cancel.clone()));
+    let _stop_sim = cancel.clone().drop_guard();
+
+    let port = free_port()?;
+    let env: Vec<(String, String)> = vec![
+        ("DALIL_DATABASE_URL".into(), s.database_url.expose_secret().to_string()),
+        ("DALIL_AMQP_URL".into(), s.amqp_url.expose_secret().to_string()),
+        ("DALIL_QUEUE_PREFIX".into(), s.queue_prefix.clone()),
+        ("DALIL_QUEUE_EXPIRES_MS".into(), "600000".into()),
+        ("DALIL_LISTEN".into(), format!("127.0.0.1:{port}")),
+        ("DALIL_PUBLIC_URL".into(), format!("http://127.0.0.1:{port}")),
+        ("DALIL_TEMPLATES_DIR".into(), s.templates_dir.display().to_string()),
+        ("DALIL_POLICIES_FILE".into(), s.policies_file.display().to_string()),
+        ("DALIL_TOPOLOGY_FILE".into(), s.topology_file.display().to_string()),
+        ("DALIL_SMS__BASE_URL".into(), sim_url),
+        ("DALIL_SMS__TOKEN".into(), "bench-sms-token".into()),
+        ("DALIL_SMS__REPORT_SECRET".into(), "bench-report-secret".into()),
+        ("DALIL_SMS__START_SIMULATOR".into(), "false".into()),
+        ("DALIL_SMS__RATE_PER_SECOND".into(), "100000".into()),
+        ("DALIL_IDENTITY__PUBLIC_KEY_FILE".into(), dir.join("idp.pub.pem").display().to_string()),
+        ("DALIL_IDENTITY__DEV_PRIVATE_KEY_FILE".into(), dir.join("idp.pem").display().to_string()),
+        ("DALIL_LOG__KEY_DIR".into(), dir.join("log-keys").display().to_string()),
+        ("RUST_LOG".into(), "warn,lapin=off".into()),
+    ];
+    let roles: Vec<Vec<&str>> = if o.workers == 0 {
+        vec![vec!["all"]]
+    } else {
+        let mut r = vec![vec!["serve"], vec!["relay"], vec!["scheduler"]];
+        r.extend((0..o.workers).map(|_| vec!["worker"]));
+        r
+    };
+    let mut fleet = Fleet { children: Vec::new() };
+    for args in roles {
+        let child = Command::new(&o.binary)
+            .args(&args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {} {}", o.binary.display(), args.join(" ")))?;
+        fleet.children.push((args.join(" "), child));
+    }
+    let base_url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder().pool_max_idle_per_host(o.clients).build()?;
+    let ready = Instant::now();
+    loop {
+        fleet.alive()?;
+        if http.get(format!("{base_url}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        if ready.elapsed() > Duration::from_secs(60) {
+            bail!("dalil did not become ready in 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let pool = crate::db::connect(s).await?;
+    let key = setup(&pool, o.items).await?;
+
+    // Drive.
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let progress = if o.print {
+        Some(tokio::spawn(progress_bar(pool.clone(), sim.clone(), done.clone(), o.items, started)))
+    } else {
+        None
+    };
+    let mut clients = tokio::task::JoinSet::new();
+    let recipients = o.items.min(1000);
+    for _ in 0..o.clients {
+        let (http, next, done, key, url) = (http.clone(), next.clone(), done.clone(), key.clone(), base_url.clone());
+        let total = o.items;
+        clients.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut refused = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let body = item(i, recipients);
+                let t = Instant::now();
+                let r = http
+                    .post(format!("{url}/v1/correspondence"))
+                    .bearer_auth(&key)
+                    .header("Idempotency-Key", format!("bench-{i}"))
+                    .json(&body)
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().as_u16() == 202 => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Ok(r) => {
+                        refused += 1;
+                        if refused == 1 {
+                            eprintln!(
+                                "\nbench: item {i} refused: {} {}",
+                                r.status(),
+                                r.text().await.unwrap_or_default()
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        refused += 1;
+                        if refused == 1 {
+                            eprintln!("\nbench: item {i} failed: {e}");
+                        }
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            (latencies, refused)
+        });
+    }
+    let mut accept_ms = Vec::with_capacity(o.items);
+    let mut refused = 0;
+    while let Some(r) = clients.join_next().await {
+        let (l, f) = r?;
+        accept_ms.extend(l);
+        refused += f;
+    }
+    let accept_elapsed = started.elapsed().as_secs_f64();
+    let accepted = accept_ms.len();
+
+    // Wait until every accepted item is in its inbox and its SMS at the gateway.
+    let deadline = Instant::now() + Duration::from_secs(120 + o.items as u64 / 100);
+    loop {
+        fleet.alive()?;
+        let consigned: i64 = sqlx::query_scalar("select count(*) from evidence where event = 'ContentConsignment'")
+            .fetch_one(&pool)
+            .await?;
+        let sms = sim.messages().await.len();
+        if consigned as usize >= accepted && sms >= accepted {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("after the wait, {consigned} of {accepted} items were consigned and {sms} SMS sent");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(p) = progress {
+        p.abort();
+        eprintln!();
+    }
+    let (rss_kib, cpu) = fleet.pids().into_iter().map(usage).fold((0, 0.0), |(r, c), (r2, c2)| (r + r2, c + c2));
+    fleet.stop().await;
+
+    // End-to-end figures from the database (server clock) and the simulator.
+    let consign: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "select i.created_at, e.at from item i join evidence e on e.item_id = i.id and e.event = 'ContentConsignment'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let attempts: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "select a.id, i.created_at from attempt a join item i on i.id = a.item_id where a.channel = 'sms'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let created: HashMap<String, DateTime<Utc>> = attempts.into_iter().map(|(a, c)| (a.to_string(), c)).collect();
+    let messages = sim.messages().await;
+    let sms_ms: Vec<f64> = messages
+        .iter()
+        .filter_map(|m| {
+            created
+                .get(&m.request.client_ref)
+                .map(|c| (m.received_at - *c).num_microseconds().unwrap_or(0) as f64 / 1000.0)
+        })
+        .collect();
+    let first = consign.iter().map(|(c, _)| *c).min();
+    let last = consign.iter().map(|(_, e)| *e).chain(messages.iter().map(|m| m.received_at)).max();
+    let e2e_seconds = match (first, last) {
+        (Some(f), Some(l)) => (l - f).num_microseconds().unwrap_or(1) as f64 / 1e6,
+        _ => f64::NAN,
+    };
+    let consign_ms: Vec<f64> =
+        consign.iter().map(|(c, e)| (*e - *c).num_microseconds().unwrap_or(0) as f64 / 1000.0).collect();
+
+    // The raw ceilings, with Dalil stopped.
+    let pg = pg_ceiling(&pool, o.clients.min(16), Duration::from_secs(o.ceiling_seconds)).await?;
+    let mq = rabbitmq_ceiling(s, Duration::from_secs(o.ceiling_seconds)).await?;
+    pool.close().await;
+
+    let accepted_per_second = accepted as f64 / accept_elapsed;
+    let end_to_end_per_second = consign.len() as f64 / e2e_seconds;
+    Ok(Report {
+        items: o.items,
+        clients: o.clients,
+        worker_processes: o.workers,
+        accepted,
+        refused,
+        accepted_per_second,
+        accept_latency: latency(accept_ms),
+        consigned: consign.len(),
+        sms_sent: messages.len(),
+        end_to_end_per_second,
+        consign_latency: latency(consign_ms),
+        sms_latency: latency(sms_ms),
+        peak_rss_mib: rss_kib as f64 / 1024.0,
+        cpu_seconds: cpu,
+        pg_three_row_tx_per_second: pg,
+        rabbitmq_confirmed_publishes_per_second: mq,
+        accepted_ratio_to_pg: accepted_per_second / pg,
+        end_to_end_ratio_to_pg: end_to_end_per_second / pg,
+    })
+}
+
+/// The bench's agency, its key, and recipients with a phone (so each item sends an SMS).
+async fn setup(pool: &PgPool, items: usize) -> anyhow::Result<String> {
+    crate::admin::agency_create(pool, "bench-agency", "Benchmark agency").await?;
+    let key = crate::admin::api_key_create(pool, "bench-agency").await?["key"].as_str().unwrap_or_default().to_string();
+    let n = items.min(1000);
+    let pinfls: Vec<String> =
+        (0..n).map(|i| crate::domain::Pinfl::with_check_digit(&format!("31{i:011}")).to_string()).collect();
+    let phones: Vec<String> = (0..n).map(|i| format!("+99890{:07}", 1_000_000 + i)).collect();
+    sqlx::query(
+        "insert into recipient (id, pinfl, name, phone, digital_consent)
+         select gen_random_uuid(), p, 'Bench recipient', ph, true from unnest($1::text[], $2::text[]) as x(p, ph)",
+    )
+    .bind(&pinfls)
+    .bind(&phones)
+    .execute(pool)
+    .await?;
+    Ok(key)
+}
+
+fn item(i: usize, recipients: usize) -> serde_json::Value {
+    let pinfl = crate::domain::Pinfl::with_check_digit(&format!("31{:011}", i % recipients)).to_string();
+    json!({
+        "kind": "notification",
+        "recipient": { "pinfl": pinfl },
+        "template": "notice",
+        "language": "uz-Latn",
+        "reference": format!("B-{i}"),
+        "personalisation": {
+            "title": "Murojaatingiz koʻrib chiqildi",
+            "body": "Hurmatli fuqaro, murojaatingiz koʻrib chiqildi va qaror qabul qilindi. Batafsil maʼlumot ilova qilingan."
+        }
+    })
+}
+
+async fn progress_bar(
+    pool: PgPool,
+    sim: crate::sim::Simulator,
+    done: Arc<AtomicUsize>,
+    total: usize,
+    started: Instant,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let accepted = done.load(Ordering::Relaxed);
+        let consigned: i64 = sqlx::query_scalar("select count(*) from evidence where event = 'ContentConsignment'")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
+        let sms = sim.messages().await.len();
+        let width = 30;
+        let filled = (consigned as usize).min(total) * width / total;
+        let secs = started.elapsed().as_secs_f64();
+        eprint!(
+            "\r[{}{}] submitted {accepted}/{total} ({:.0}/s)  in inbox {consigned}  SMS {sms}  {secs:.1}s   ",
+            "=".repeat(filled),
+            " ".repeat(width - filled),
+            accepted as f64 / secs
+        );
+    }
+}
+
+/// Three-row insert transactions per second on the same PostgreSQL: `clients` connections,
+/// each BEGIN; three INSERTs; COMMIT, for `span`.
+async fn pg_ceiling(pool: &PgPool, clients: usize, span: Duration) -> anyhow::Result<f64> {
+    sqlx::query("drop table if exists bench_ceiling").execute(pool).await?;
+    sqlx::query("create table bench_ceiling (id bigserial primary key, a uuid not null, b text not null, at timestamptz not null default now())")
+        .execute(pool)
+        .await?;
+    let count = Arc::new(AtomicUsize::new(0));
+    let until = Instant::now() + span;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (pool, count) = (pool.clone(), count.clone());
+        tasks.spawn(async move {
+            while Instant::now() < until {
+                let mut tx = pool.begin().await?;
+                for _ in 0..3 {
+                    sqlx::query("insert into bench_ceiling (a, b) values ($1, $2)")
+                        .bind(Uuid::new_v4())
+                        .bind("x".repeat(100))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, sqlx::Error>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    sqlx::query("drop table bench_ceiling").execute(pool).await?;
+    Ok(count.load(Ordering::Relaxed) as f64 / span.as_secs_f64())
+}
+
+/// Confirmed 1 KB publishes per second to a quorum queue on the same RabbitMQ, pipelined.
+async fn rabbitmq_ceiling(s: &Settings, span: Duration) -> anyhow::Result<f64> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable, ShortString};
+    let conn = crate::queue::connect(s.amqp_url.expose_secret(), "dalil-bench-ceiling").await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let queue = format!("{}ceiling", s.queue_prefix);
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
+    ch.queue_declare(
+        ShortString::from(queue.as_str()),
+        QueueDeclareOptions { durable: true, ..Default::default() },
+        args,
+    )
+    .await?;
+    let body = vec![b'x'; 1024];
+    let started = Instant::now();
+    let mut confirmed = 0usize;
+    let window = 500;
+    while started.elapsed() < span {
+        let mut pending = Vec::with_capacity(window);
+        for _ in 0..window {
+            pending.push(
+                ch.basic_publish(
+                    ShortString::from(""),
+                    ShortString::from(queue.as_str()),
+                    BasicPublishOptions::default(),
+                    &body,
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?,
+            );
+        }
+        for p in pending {
+            if p.await?.is_ack() {
+                confirmed += 1;
+            }
+        }
+    }
+    let rate = confirmed as f64 / started.elapsed().as_secs_f64();
+    let _ = ch.queue_delete(ShortString::from(queue.as_str()), QueueDeleteOptions::default()).await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(rate)
+}
+
+/// The report as one table, each figure with its target and its ratio to the ceilings.
+pub fn table(r: &Report) -> String {
+    let mut out = String::new();
+    let row = |out: &mut String, what: &str, value: String, note: String| {
+        out.push_str(&format!("  {what:<44} {value:>14}   {note}\n"));
+    };
+    out.push_str(&format!(
+        "\nDalil bench: {} items, {} clients, {}\n\n",
+        r.items,
+        r.clients,
+        if r.worker_processes == 0 {
+            "one `dalil all` process".to_string()
+        } else {
+            format!("{} worker processes", r.worker_processes)
+        }
+    ));
+    row(
+        &mut out,
+        "accepted (202)",
+        format!("{}/{}", r.accepted, r.items),
+        if r.refused > 0 { format!("{} refused", r.refused) } else { String::new() },
+    );
+    row(
+        &mut out,
+        "accepted items/s",
+        format!("{:.0}", r.accepted_per_second),
+        format!("{:.2} × PostgreSQL ceiling (target ≥ 0.4; ≥ 2,000/s)", r.accepted_ratio_to_pg),
+    );
+    row(
+        &mut out,
+        "accept latency p50 / p95 / p99 ms",
+        format!("{:.1} / {:.1} / {:.1}", r.accept_latency.p50_ms, r.accept_latency.p95_ms, r.accept_latency.p99_ms),
+        "target p99 ≤ 50 ms".into(),
+    );
+    row(
+        &mut out,
+        "end-to-end items/s (inbox + SMS)",
+        format!("{:.0}", r.end_to_end_per_second),
+        format!("{:.2} × PostgreSQL ceiling (target ≥ 0.2; ≥ 1,000/s)", r.end_to_end_ratio_to_pg),
+    );
+    row(
+        &mut out,
+        "to inbox p50 / p95 / p99 ms",
+        format!("{:.0} / {:.0} / {:.0}", r.consign_latency.p50_ms, r.consign_latency.p95_ms, r.consign_latency.p99_ms),
+        "target p99 ≤ 2,000 ms".into(),
+    );
+    row(
+        &mut out,
+        "to SMS gateway p50 / p95 / p99 ms",
+        format!("{:.0} / {:.0} / {:.0}", r.sms_latency.p50_ms, r.sms_latency.p95_ms, r.sms_latency.p99_ms),
+        String::new(),
+    );
+    row(&mut out, "in inbox / SMS at gateway", format!("{} / {}", r.consigned, r.sms_sent), String::new());
+    row(
+        &mut out,
+        "peak RSS of dalil (sum of processes)",
+        format!("{:.0} MiB", r.peak_rss_mib),
+        "target ≤ 300 MiB".into(),
+    );
+    row(&mut out, "CPU seconds of dalil", format!("{:.1}", r.cpu_seconds), String::new());
+    row(
+        &mut out,
+        "ceiling: PostgreSQL 3-row tx/s",
+        format!("{:.0}", r.pg_three_row_tx_per_second),
+        "same machine, same run".into(),
+    );
+    row(
+        &mut out,
+        "ceiling: RabbitMQ confirmed 1 KB publishes/s",
+        format!("{:.0}", r.rabbitmq_confirmed_publishes_per_second),
+        "quorum queue, 500 in flight".into(),
+    );
+    out.push('\n');
+    out
+}
