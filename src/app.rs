@@ -21,7 +21,9 @@ pub struct App {
     pub settings: Settings,
     pub pool: PgPool,
     pub topology: Topology,
-    listener: TcpListener,
+    /// The HTTP listener; none in a process that does not serve HTTP (a relay or a worker
+    /// next to `dalil serve` on the same host must not take its port).
+    listener: Option<TcpListener>,
     state: AppState,
 }
 
@@ -58,6 +60,11 @@ pub async fn declare_topology(settings: &Settings) -> anyhow::Result<Topology> {
 impl App {
     /// Connects, loads templates, policies and keys, checks the topology, binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        Self::build_with(settings, true).await
+    }
+
+    /// As [`App::build`], binding the HTTP listener only when `http` (the process serves).
+    pub async fn build_with(settings: Settings, http: bool) -> anyhow::Result<App> {
         let pool = db::connect(&settings).await?;
         let topology = load_topology(&settings)?;
         {
@@ -73,8 +80,11 @@ impl App {
                 "no checkpoint signing key: proof bundles are unavailable until `dalil admin signing-key generate`"
             );
         }
-        let listener =
-            TcpListener::bind(&settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
+        let listener = if http {
+            Some(TcpListener::bind(&settings.listen).await.with_context(|| format!("binding {}", settings.listen))?)
+        } else {
+            None
+        };
         let state = AppState {
             pool: pool.clone(),
             settings: Arc::new(settings.clone()),
@@ -88,7 +98,7 @@ impl App {
     }
 
     pub fn port(&self) -> u16 {
-        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+        self.listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port()).unwrap_or(0)
     }
 
     /// Runs the chosen roles until `cancel` fires, then drains: the HTTP server finishes the
@@ -131,7 +141,7 @@ impl App {
         }
         if roles.serve {
             let app = api::router(self.state.clone());
-            let listener = self.listener;
+            let listener = self.listener.context("this process was built without an HTTP listener")?;
             let cancel = cancel.clone();
             tracing::info!(addr = %listener.local_addr()?, "serving HTTP");
             tasks.spawn(async move {

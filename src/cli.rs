@@ -426,7 +426,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn start(settings: Settings, roles: Roles, channels: Vec<String>) -> anyhow::Result<()> {
-    let app = App::build(settings).await?;
+    let app = App::build_with(settings, roles.serve).await?;
     app.run_until_stopped(roles, channels, app::shutdown_token()).await
 }
 

@@ -320,6 +320,11 @@ impl<'a> Page<'a> {
         self.render(status, "message.html", heading, json!({ "heading": heading, "text": text, "link": link }))
     }
 
+    /// A form whose CSRF token does not match: nothing was done.
+    fn forbidden(&self, link: Option<(&str, String)>) -> Response {
+        self.message(StatusCode::FORBIDDEN, &self.t("error_title"), &self.t("form_expired"), link)
+    }
+
     fn not_found(&self) -> Response {
         self.message(StatusCode::NOT_FOUND, &self.t("error_title"), &self.t("not_found"), None)
     }
@@ -413,12 +418,7 @@ async fn signin(
 ) -> Response {
     let page = Page::new(&state, &headers, "/signin", None).with_anon_csrf(&headers);
     if !csrf_ok(&headers, None, &form.csrf) {
-        return page.message(
-            StatusCode::FORBIDDEN,
-            &page.t("error_title"),
-            &page.t("form_expired"),
-            Some(("/signin", page.t("signin_title"))),
-        );
+        return page.forbidden(Some(("/signin", page.t("signin_title"))));
     }
     let next = safe_next(form.next.as_deref());
     let again = |error: String, status: StatusCode| {
@@ -572,12 +572,7 @@ struct CodeForm {
 async fn code(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<CodeForm>) -> Response {
     let page = Page::new(&state, &headers, "/signin/code", None).with_anon_csrf(&headers);
     if !csrf_ok(&headers, None, &form.csrf) {
-        return page.message(
-            StatusCode::FORBIDDEN,
-            &page.t("error_title"),
-            &page.t("form_expired"),
-            Some(("/signin", page.t("signin_title"))),
-        );
+        return page.forbidden(Some(("/signin", page.t("signin_title"))));
     }
     let next = safe_next(form.next.as_deref());
     match check_code(&state, &form.challenge, form.code.trim()).await {
@@ -680,7 +675,7 @@ async fn signout(State(state): State<AppState>, headers: HeaderMap, Form(form): 
     };
     if !csrf_ok(&headers, Some(&s), &form.csrf) {
         let page = Page::new(&state, &headers, "/signout", Some(&s));
-        return page.message(StatusCode::FORBIDDEN, &page.t("error_title"), &page.t("form_expired"), None);
+        return page.forbidden(None);
     }
     if let Err(e) = sqlx::query("update web_session set ended_at = now() where token_hash = $1")
         .bind(&s.token_hash)
@@ -856,7 +851,7 @@ async fn acknowledge(
     };
     let page = Page::new(&state, &headers, &path, Some(&s));
     if !csrf_ok(&headers, Some(&s), &form.csrf) {
-        return page.message(StatusCode::FORBIDDEN, &page.t("error_title"), &page.t("form_expired"), None);
+        return page.forbidden(None);
     }
     match crate::api::inbox::acknowledge_via(&state, &s.citizen(), &id, "web").await {
         Ok(_) => Redirect::to(&path).into_response(),
@@ -932,7 +927,7 @@ async fn settings(State(state): State<AppState>, headers: HeaderMap, Form(form):
     };
     let page = Page::new(&state, &headers, "/settings", Some(&s));
     if !csrf_ok(&headers, Some(&s), &form.csrf) {
-        return page.message(StatusCode::FORBIDDEN, &page.t("error_title"), &page.t("form_expired"), None);
+        return page.forbidden(None);
     }
     let invalid = |field: &str, key: &str| {
         let extra = json!({ "error": page.t(key), "field": field, "phone": form.phone, "email": form.email });
@@ -1043,12 +1038,7 @@ async fn verify(State(state): State<AppState>, headers: HeaderMap, mut form: Mul
     let anon_ok = csrf_ok(&headers, None, &csrf);
     let session_ok = signed_in.as_ref().is_some_and(|s| csrf_ok(&headers, Some(s), &csrf));
     if !anon_ok && !session_ok {
-        return page.message(
-            StatusCode::FORBIDDEN,
-            &page.t("error_title"),
-            &page.t("form_expired"),
-            Some(("/verify", page.t("verify_title"))),
-        );
+        return page.forbidden(Some(("/verify", page.t("verify_title"))));
     }
     let verdict = match bundle.as_deref().map(serde_json::from_slice::<crate::proof::Bundle>) {
         Some(Ok(b)) => {

@@ -15,7 +15,8 @@ async fn the_benchmark_drives_every_item_to_the_inbox_and_the_sms_gateway() {
         dalil::bench::Options {
             items: 200,
             clients: 8,
-            workers: 0,
+            // Separate serve, relay, scheduler and worker processes, as in production.
+            workers: 1,
             ceiling_seconds: 1,
             json: Some(json.clone()),
             keep: false,
@@ -30,6 +31,7 @@ async fn the_benchmark_drives_every_item_to_the_inbox_and_the_sms_gateway() {
     assert_eq!(report.consigned, 200);
     assert_eq!(report.sms_sent, 200);
     assert!(report.accept_latency.p99_ms > 0.0 && report.consign_latency.p99_ms > 0.0);
+    assert_eq!(report.worker_processes, 1);
     assert!(report.peak_rss_mib > 1.0 && report.cpu_seconds > 0.0, "{report:?}");
     assert!(report.pg_three_row_tx_per_second > 0.0 && report.rabbitmq_confirmed_publishes_per_second > 0.0);
     let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
