@@ -1059,6 +1059,26 @@ async fn verify(State(state): State<AppState>, headers: HeaderMap, mut form: Mul
     page.render(status, "verify.html", &page.t("verify_title"), json!({ "verdict": verdict, "letter": null }))
 }
 
+/// The kind of failure behind a verifier's technical reason, for a plain-language sentence.
+fn failure_kind(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("another item")
+        || r.contains("duplicated")
+        || r.contains("out of order")
+        || r.contains("added, removed")
+    {
+        "verdict_why_set"
+    } else if r.contains("summary") {
+        "verdict_why_summary"
+    } else if r.contains("checkpoint") || r.contains("key") || r.contains("signature") || r.contains("signed by") {
+        "verdict_why_signature"
+    } else if r.contains("bundle format") || r.contains("no records") {
+        "verdict_why_format"
+    } else {
+        "verdict_why_changed"
+    }
+}
+
 fn verdict_view(page: &Page, v: &crate::proof::Verdict) -> Value {
     let mut lines = Vec::new();
     // What an invalid bundle claims is not shown: it would read as fact.
@@ -1076,6 +1096,9 @@ fn verdict_view(page: &Page, v: &crate::proof::Verdict) -> Value {
     }
     if v.valid {
         lines.push(page.fill("verdict_records", &[("n", &v.events.len().to_string())]));
+    }
+    if let Some(reason) = &v.reason {
+        lines.insert(0, page.t(failure_kind(reason)));
     }
     json!({
         "valid": v.valid,
@@ -1192,6 +1215,27 @@ mod tests {
             let ratio = (a.max(b) + 0.05) / (a.min(b) + 0.05);
             assert!(ratio >= 4.5, "{fg} on {bg}: {ratio:.2}:1, WCAG AA needs 4.5:1");
         }
+    }
+
+    #[test]
+    fn verifier_reasons_map_to_plain_words() {
+        assert_eq!(
+            failure_kind(
+                "record at log index 3 is not in the signed log: its bytes or its inclusion proof were changed"
+            ),
+            "verdict_why_changed"
+        );
+        assert_eq!(failure_kind("the checkpoint's signature does not verify"), "verdict_why_signature");
+        assert_eq!(failure_kind("record at log index 4 belongs to another item"), "verdict_why_set");
+        assert_eq!(
+            failure_kind("the summary claims the item was served, but no record served it"),
+            "verdict_why_summary"
+        );
+        assert_eq!(failure_kind("the bundle's signature does not verify: records were added, removed or changed, or the summary was edited"), "verdict_why_set");
+        assert_eq!(
+            failure_kind("unknown bundle format \"x\"; this verifier reads dalil-proof-bundle/1"),
+            "verdict_why_format"
+        );
     }
 
     #[test]
