@@ -244,11 +244,6 @@ async fn a_citizen_signs_in_reads_acknowledges_and_signs_out_in_a_real_browser()
     let key = app.agency("court-browser").await;
     let (pinfl, _) = app.citizen_with("3010190423456", Some("+998907654321"), None).await;
     let pinfl = pinfl.to_string();
-    let mut body = summons(&pinfl);
-    body["respond_by"] = json!((chrono::Utc::now() + chrono::Duration::days(20)).to_rfc3339());
-    let v: Value = app.submit(&key, "b-1", &body).await.json().await.unwrap();
-    let id = v["id"].as_str().unwrap().to_string();
-    app.wait_for_status(&key, &id, &["consigned"]).await;
 
     let driver = Driver::start().await;
     let browser = Browser::open(&driver).await;
@@ -258,8 +253,8 @@ async fn a_citizen_signs_in_reads_acknowledges_and_signs_out_in_a_real_browser()
     assert!(browser.url().await.contains("/signin?next=/inbox"), "{}", browser.url().await);
     assert_eq!(browser.text("h1").await, "Kirish");
     // Keyboard: the first Tab reaches the skip link.
-    assert_eq!(browser.tab_to(1).await, "Asosiy qismga oʻtish");
     browser.screenshots("1-signin").await;
+    assert_eq!(browser.tab_to(1).await, "Asosiy qismga oʻtish");
     browser.type_into("#pinfl", &pinfl).await;
     browser.click("form[action='/signin'] button").await;
     browser.wait_url("/signin/code").await;
@@ -267,6 +262,17 @@ async fn a_citizen_signs_in_reads_acknowledges_and_signs_out_in_a_real_browser()
     let code = crate::web::last_code(&app).await;
     browser.type_into("#code", &code).await;
     browser.click("form[action='/signin/code'] button").await;
+
+    // An empty inbox; then the court sends a summons and it arrives.
+    browser.wait_source("<h1>Kiruvchi xatlaringiz</h1>").await;
+    assert!(!browser.source().await.contains("class=\"items\""));
+    browser.screenshots("3-inbox-empty").await;
+    let mut body = summons(&pinfl);
+    body["respond_by"] = json!((chrono::Utc::now() + chrono::Duration::days(20)).to_rfc3339());
+    let v: Value = app.submit(&key, "b-1", &body).await.json().await.unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    app.wait_for_status(&key, &id, &["consigned"]).await;
+    browser.go(&app.url("/inbox")).await;
 
     // The inbox: the item, unread, with its deadline made prominent.
     let source = browser.wait_source("class=\"item unread\"").await;
