@@ -128,6 +128,9 @@ pub struct WebSettings {
     pub code_attempts: i32,
     pub codes_per_pinfl_per_hour: i64,
     pub codes_per_address_per_hour: i64,
+    /// Behind a reverse proxy: the header it sets with the client's address (e.g.
+    /// "x-forwarded-for"; its last entry is taken, the one the proxy added). Empty: the peer.
+    pub client_address_header: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -433,7 +433,8 @@ async fn signin(
     let Ok(pinfl) = Pinfl::parse(&digits) else {
         return again(page.t("pinfl_invalid"), StatusCode::UNPROCESSABLE_ENTITY);
     };
-    match start_challenge(&state, &pinfl, &addr.ip().to_string(), &page.lang).await {
+    let client = client_address(&state, &headers, addr);
+    match start_challenge(&state, &pinfl, &client, &page.lang).await {
         Ok(Challenge::Sent(id)) => {
             Redirect::to(&format!("/signin/code?c={id}&next={}", urlencode(&next))).into_response()
         }
@@ -441,6 +442,22 @@ async fn signin(
         Ok(Challenge::SmsFailed) => again(page.t("sms_failed"), StatusCode::SERVICE_UNAVAILABLE),
         Err(e) => page.error(e),
     }
+}
+
+/// The client's address for rate limits: the connection's, or the one a trusted reverse proxy
+/// names in `web.client_address_header`.
+fn client_address(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> String {
+    let name = state.settings.web.client_address_header.trim();
+    if name.is_empty() {
+        return peer.ip().to_string();
+    }
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .map(|v| v.trim().to_string())
+        .filter(|v| v.parse::<std::net::IpAddr>().is_ok())
+        .unwrap_or_else(|| peer.ip().to_string())
 }
 
 enum Challenge {

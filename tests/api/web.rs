@@ -366,3 +366,42 @@ async fn the_qr_code_of_a_letter_leads_to_its_public_check() {
     assert_eq!(web.get(&format!("/verify/{}", uuid::Uuid::now_v7())).await.status, StatusCode::NOT_FOUND);
     assert_eq!(web.get("/verify/not-an-id").await.status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_the_limit_counts_each_client_not_the_proxy() {
+    let app = TestApp::spawn_with(Options {
+        tweak: |s| {
+            s.web.codes_per_address_per_hour = 1;
+            s.web.client_address_header = "x-forwarded-for".into();
+        },
+        ..Default::default()
+    })
+    .await;
+    let mut web = WebClient::new(&app);
+    let csrf = web.get("/signin").await.field("csrf");
+    let cookie = format!("dalil_csrf={csrf}");
+    let send = |forwarded: &'static str, first13: &'static str| {
+        let pinfl = dalil::domain::Pinfl::with_check_digit(first13).to_string();
+        let (client, url, cookie, csrf) = (
+            reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+            app.url("/signin"),
+            cookie.clone(),
+            csrf.clone(),
+        );
+        async move {
+            client
+                .post(url)
+                .header(COOKIE, cookie)
+                .header("x-forwarded-for", forwarded)
+                .form(&[("csrf", csrf.as_str()), ("pinfl", pinfl.as_str())])
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    // Two clients behind one proxy: each has its own allowance; the proxy's entry is the last.
+    assert_eq!(send("10.0.0.9, 203.0.113.5", "3010190323481").await, StatusCode::SEE_OTHER);
+    assert_eq!(send("203.0.113.6", "3010190323482").await, StatusCode::SEE_OTHER);
+    assert_eq!(send("10.0.0.1, 203.0.113.5", "3010190323483").await, StatusCode::TOO_MANY_REQUESTS);
+}
