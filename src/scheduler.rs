@@ -57,6 +57,8 @@ pub async fn run(pool: PgPool, settings: Settings, cancel: CancellationToken) ->
                     let (pool, settings, running, me, name) =
                         (pool.clone(), settings.clone(), running.clone(), me.clone(), *name);
                     tasks.spawn(async move {
+                        // Marks the job as not running when this task ends, even by a panic.
+                        let _running = Running(running, name);
                         let result = run_job(name, &pool, &settings, &me).await;
                         let error = result.as_ref().err().map(|e| format!("{e:#}"));
                         if let Some(e) = &error {
@@ -69,7 +71,6 @@ pub async fn run(pool: PgPool, settings: Settings, cancel: CancellationToken) ->
                         .bind(&error)
                         .execute(&pool)
                         .await;
-                        running.lock().expect("not poisoned").remove(name);
                     });
                 }
                 Err(e) => tracing::warn!(job = name, error = %e, "scheduler: could not claim a run"),
@@ -86,11 +87,22 @@ pub async fn run(pool: PgPool, settings: Settings, cancel: CancellationToken) ->
     Ok(())
 }
 
+struct Running(Arc<Mutex<HashSet<&'static str>>>, &'static str);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.0.lock() {
+            set.remove(self.1);
+        }
+    }
+}
+
 /// Claims the job's run if it is due: moves `next_run_at` to the schedule's next time after
 /// now. True when this scheduler won the run.
 pub async fn claim(pool: &PgPool, name: &str, schedule: &Schedule, me: &str) -> sqlx::Result<bool> {
-    let next: DateTime<Utc> =
-        schedule.after(&Utc::now()).next().unwrap_or_else(|| Utc::now() + chrono::Duration::days(365));
+    // The database's clock decides what is due, so the next run is counted from it too.
+    let now: DateTime<Utc> = sqlx::query_scalar("select now()").fetch_one(pool).await?;
+    let next: DateTime<Utc> = schedule.after(&now).next().unwrap_or_else(|| now + chrono::Duration::days(365));
     let claimed = sqlx::query(
         "update scheduler_job set next_run_at = $2, last_started_at = now(), last_claimed_by = $3, runs = runs + 1
          where name = $1 and next_run_at <= now()",

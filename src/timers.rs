@@ -53,17 +53,37 @@ pub async fn fire_due(pool: &PgPool, kind: Kind, who: &str) -> anyhow::Result<Fi
         .fetch_optional(&mut *tx)
         .await?;
         let Some((timer_id, item_id, step_id, due_at)) = due else { break };
-        let outcome = match kind {
-            Kind::Escalate => escalate(&mut tx, item_id, step_id).await?,
-            Kind::Deemed => deem(&mut tx, item_id, due_at).await?,
+        let fired = async {
+            let outcome = match kind {
+                Kind::Escalate => escalate(&mut tx, item_id, step_id).await?,
+                Kind::Deemed => deem(&mut tx, item_id, due_at).await?,
+            };
+            sqlx::query("update timer set fired_at = now(), outcome = $2, fired_by = $3 where id = $1")
+                .bind(timer_id)
+                .bind(&outcome.0)
+                .bind(who)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, anyhow::Error>(outcome)
+        }
+        .await;
+        let outcome = match fired {
+            Ok(o) => o,
+            Err(e) => {
+                // One timer that fails must not hold up the others: it is tried again in a
+                // minute, with the error on its row, and the sweep goes on.
+                tracing::error!(%item_id, timer = kind.as_str(), error = format!("{e:#}"), "timer failed; retried in a minute");
+                sqlx::query(
+                    "update timer set due_at = now() + interval '1 minute', outcome = $2 where id = $1 and fired_at is null",
+                )
+                .bind(timer_id)
+                .bind(format!("failed, retried: {e:#}"))
+                .execute(pool)
+                .await?;
+                continue;
+            }
         };
-        sqlx::query("update timer set fired_at = now(), outcome = $2, fired_by = $3 where id = $1")
-            .bind(timer_id)
-            .bind(&outcome.0)
-            .bind(who)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
         tracing::info!(%item_id, timer = kind.as_str(), outcome = outcome.0, "timer fired");
         done.fired += 1;
         done.acted += outcome.1 as usize;

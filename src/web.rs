@@ -162,7 +162,16 @@ fn hash(token: &str) -> Vec<u8> {
 /// Only paths of this site: never an open redirect.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') && n.len() < 500 => n.to_string(),
+        // Visible ASCII only: browsers drop tabs and newlines, so "/\t/evil" would become "//evil".
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && n.len() < 500
+                && n.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            n.to_string()
+        }
         _ => "/inbox".into(),
     }
 }
@@ -353,6 +362,11 @@ fn local(t: DateTime<Utc>) -> String {
     crate::templates::local_time(t)
 }
 
+/// The day in Tashkent, without the time.
+fn local_day(t: DateTime<Utc>) -> String {
+    local(t).split(' ').next().unwrap_or_default().to_string()
+}
+
 async fn set_lang(
     State(state): State<AppState>,
     UrlPath(code): UrlPath<String>,
@@ -439,7 +453,6 @@ async fn signin(
             Redirect::to(&format!("/signin/code?c={id}&next={}", urlencode(&next))).into_response()
         }
         Ok(Challenge::TooMany) => again(page.t("too_many_codes"), StatusCode::TOO_MANY_REQUESTS),
-        Ok(Challenge::SmsFailed) => again(page.t("sms_failed"), StatusCode::SERVICE_UNAVAILABLE),
         Err(e) => page.error(e),
     }
 }
@@ -463,7 +476,6 @@ fn client_address(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> St
 enum Challenge {
     Sent(Uuid),
     TooMany,
-    SmsFailed,
 }
 
 fn code_hash(challenge: Uuid, code: &str) -> Vec<u8> {
@@ -474,13 +486,20 @@ fn code_hash(challenge: Uuid, code: &str) -> Vec<u8> {
 /// A PINFL without a phone on record gets a challenge no code can pass, and the same answer.
 async fn start_challenge(state: &AppState, pinfl: &Pinfl, addr: &str, lang: &str) -> Result<Challenge, ApiError> {
     let w = &state.settings.web;
+    let mut tx = state.pool.begin().await?;
+    // Parallel requests count one after another: the limits cannot be raced.
+    sqlx::query("select pg_advisory_xact_lock(hashtext('otp-pinfl:' || $1)), pg_advisory_xact_lock(hashtext('otp-addr:' || $2))")
+        .bind(pinfl.as_str())
+        .bind(addr)
+        .execute(&mut *tx)
+        .await?;
     let (by_pinfl, by_addr): (i64, i64) = sqlx::query_as(
         "select (select count(*) from otp_challenge where pinfl = $1 and created_at > now() - interval '1 hour'),
                 (select count(*) from otp_challenge where client_addr = $2 and created_at > now() - interval '1 hour')",
     )
     .bind(pinfl.as_str())
     .bind(addr)
-    .fetch_one(&state.pool)
+    .fetch_one(&mut *tx)
     .await?;
     if by_pinfl >= w.codes_per_pinfl_per_hour || by_addr >= w.codes_per_address_per_hour {
         tracing::warn!(addr, by_pinfl, by_addr, "web sign-in: too many codes asked for");
@@ -488,7 +507,7 @@ async fn start_challenge(state: &AppState, pinfl: &Pinfl, addr: &str, lang: &str
     }
     let recipient: Option<(Uuid, Option<String>)> = sqlx::query_as("select id, phone from recipient where pinfl = $1")
         .bind(pinfl.as_str())
-        .fetch_optional(&state.pool)
+        .fetch_optional(&mut *tx)
         .await?;
     let id = Uuid::now_v7();
     let code = format!("{:06}", rand::thread_rng().gen_range(0..1_000_000));
@@ -503,8 +522,9 @@ async fn start_challenge(state: &AppState, pinfl: &Pinfl, addr: &str, lang: &str
     .bind(code_hash(id, &code))
     .bind(addr)
     .bind(w.code_ttl_seconds as f64)
-    .execute(&state.pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     let Some((_, phone)) = target else { return Ok(Challenge::Sent(id)) };
     let text = match lang {
         "ru" => format!("Dalil: код для входа {code}. Никому его не сообщайте."),
@@ -512,24 +532,26 @@ async fn start_challenge(state: &AppState, pinfl: &Pinfl, addr: &str, lang: &str
         "en" => format!("Dalil: your sign-in code is {code}. Never tell it to anyone."),
         _ => format!("Dalil: kirish kodi {code}. Uni hech kimga aytmang."),
     };
-    match send_code(state, &phone, &text, id).await {
-        Ok(provider_ref) => {
-            sqlx::query("update otp_challenge set provider_ref = $2 where id = $1")
-                .bind(id)
-                .bind(provider_ref)
-                .execute(&state.pool)
-                .await?;
-            Ok(Challenge::Sent(id))
+    // Sent in the background: the answer takes the same time whether or not the PINFL has a
+    // phone on record, so timing does not tell who is registered. A failed send expires the
+    // challenge; the page offers a new code.
+    let state = state.clone();
+    tokio::spawn(async move {
+        let sent = send_code(&state, &phone, &text, id).await;
+        let update = match &sent {
+            Ok(provider_ref) => {
+                sqlx::query("update otp_challenge set provider_ref = $2 where id = $1").bind(id).bind(provider_ref)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "web sign-in: the code could not be sent");
+                sqlx::query("update otp_challenge set expires_at = now() where id = $1").bind(id)
+            }
+        };
+        if let Err(e) = update.execute(&state.pool).await {
+            tracing::warn!(error = %e, "web sign-in: recording the code's sending failed");
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "web sign-in: the code could not be sent");
-            sqlx::query("update otp_challenge set expires_at = now() where id = $1")
-                .bind(id)
-                .execute(&state.pool)
-                .await?;
-            Ok(Challenge::SmsFailed)
-        }
-    }
+    });
+    Ok(Challenge::Sent(id))
 }
 
 /// Sends the code through the SMS gateway of the `sms` channel, at once (a code that waits in
@@ -849,7 +871,7 @@ async fn attachment(
         Ok(s) => s,
         Err(r) => return r,
     };
-    match crate::api::inbox::attachment(State(state.clone()), s.citizen(), UrlPath((id, n))).await {
+    match crate::api::inbox::attachment_via(&state, &s.citizen(), &id, &n, "web").await {
         Ok(r) => r,
         Err(e) => Page::new(&state, &headers, &path, Some(&s)).error(e),
     }
@@ -1158,7 +1180,8 @@ async fn verify_letter(State(state): State<AppState>, headers: HeaderMap, UrlPat
     };
     let status = match (recalled, served) {
         (Some(_), _) => page.t("verify_qr_withdrawn"),
-        (None, Some(at)) => page.fill("verify_qr_status_served", &[("date", &local(at))]),
+        // The day only: the exact time could tell when the addressee opened it.
+        (None, Some(at)) => page.fill("verify_qr_status_served", &[("date", &local_day(at))]),
         (None, None) => page.t("verify_qr_status_open"),
     };
     let letter = json!({
@@ -1258,7 +1281,14 @@ mod tests {
     #[test]
     fn redirects_stay_on_this_site() {
         assert_eq!(safe_next(Some("/inbox/1")), "/inbox/1");
-        for bad in ["//evil.example/x", "https://evil.example", "/\\evil", "javascript:alert(1)"] {
+        for bad in [
+            "//evil.example/x",
+            "https://evil.example",
+            "/\\evil",
+            "javascript:alert(1)",
+            "/\t/evil.example",
+            "/\n/evil",
+        ] {
             assert_eq!(safe_next(Some(bad)), "/inbox", "{bad}");
         }
     }

@@ -1024,6 +1024,22 @@ pub async fn recall(
             ),
         });
     }
+    // A deemed-service time that has passed served the item, even before a scheduler records it.
+    let deemed_due: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "select due_at from timer where item_id = $1 and kind = 'deemed' and fired_at is null and due_at <= now()",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(due) = deemed_due {
+        return Err(ApiError::Conflict {
+            field: None,
+            detail: format!(
+                "the item was deemed served at {} (rule \"deemed\"): a served item cannot be recalled",
+                evidence::format_time(due)
+            ),
+        });
+    }
     let at = evidence::now();
     let cancelled: Vec<(String, String)> = sqlx::query_as(
         "update step s set status = 'cancelled', note = 'recalled by the sender', updated_at = now()

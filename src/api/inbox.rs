@@ -134,16 +134,6 @@ async fn lock_entry(tx: &mut PgConnection, citizen: &Citizen, id: &str) -> ApiRe
     Ok(row)
 }
 
-/// Records the first open, and serves the item if its policy says access serves it.
-async fn record_open(
-    tx: &mut Transaction<'_, Postgres>,
-    state: &AppState,
-    row: &mut EntryRow,
-    citizen: &Citizen,
-) -> ApiResult<()> {
-    record_open_via(tx, state, row, citizen, "api").await
-}
-
 /// The first open, recorded with where it happened (`api` or `web`).
 async fn record_open_via(
     tx: &mut Transaction<'_, Postgres>,
@@ -165,7 +155,16 @@ async fn record_open_via(
     row.first_opened_at = Some(now);
     let ctx = ItemContext::load(tx, row.id).await?;
     let serves = state.policies.by_id(&ctx.policy_id).is_some_and(|p| p.served_on.contains(&ServiceRule::Accessed));
-    let serve_now = serves && row.served_at.is_none();
+    // A deemed-service time that has passed decided service already, even if no scheduler has
+    // recorded it yet: the open is recorded, and the timer serves the item at its own time.
+    let deemed_due: bool = sqlx::query_scalar(
+        "select exists (select 1 from timer where item_id = $1 and kind = 'deemed' and fired_at is null
+                        and due_at <= now())",
+    )
+    .bind(row.id)
+    .fetch_one(&mut **tx)
+    .await?;
+    let serve_now = serves && row.served_at.is_none() && !deemed_due;
     let mut details = serde_json::json!({ "via": via });
     if serve_now {
         details["served"] = serde_json::json!({ "rule": ServiceRule::Accessed.as_str() });
@@ -244,9 +243,20 @@ pub async fn attachment(
     citizen: Citizen,
     Path((id, n)): Path<(String, String)>,
 ) -> ApiResult<Response> {
+    attachment_via(&state, &citizen, &id, &n, "api").await
+}
+
+/// Sends an attachment to its recipient, recording the first open and download (with where).
+pub(crate) async fn attachment_via(
+    state: &AppState,
+    citizen: &Citizen,
+    id: &str,
+    n: &str,
+    via: &str,
+) -> ApiResult<Response> {
     let n: i32 = n.parse().map_err(|_| ApiError::NotFound)?;
     let mut tx = state.pool.begin().await?;
-    let mut row = lock_entry(&mut tx, &citizen, &id).await?;
+    let mut row = lock_entry(&mut tx, citizen, id).await?;
     let file: Option<(String, String, String, Vec<u8>)> =
         sqlx::query_as("select name, content_type, sha256, data from attachment where item_id = $1 and n = $2")
             .bind(row.id)
@@ -255,7 +265,7 @@ pub async fn attachment(
             .await?;
     let (name, content_type, sha256, data) = file.ok_or(ApiError::NotFound)?;
     // Downloading implies opening.
-    record_open(&mut tx, &state, &mut row, &citizen).await?;
+    record_open_via(&mut tx, state, &mut row, citizen, via).await?;
     let first = sqlx::query(
         "insert into attachment_access (item_id, n, first_at) values ($1, $2, now()) on conflict do nothing",
     )
@@ -275,7 +285,7 @@ pub async fn attachment(
                 at: evidence::now(),
                 actor: Actor::Citizen(citizen.pinfl.to_string()),
                 channel: Some("inbox".into()),
-                details: serde_json::json!({ "attachment": n, "name": name }),
+                details: serde_json::json!({ "attachment": n, "name": name, "via": via }),
                 digests: Some(serde_json::json!({ "attachment": { "n": n, "sha256": sha256 } })),
             }],
         )

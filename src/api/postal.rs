@@ -105,8 +105,9 @@ pub async fn claim(
     // Two operators, or two claims of one, never get the same letter.
     let claimed: Vec<(Uuid, String)> = sqlx::query_as(
         "update letter set status = 'claimed', batch_id = $2, claimed_at = now(), updated_at = now()
-         where item_id in (select item_id from letter where operator_id = $1 and status = 'ready'
-                           order by created_at limit $3 for update skip locked)
+         where item_id in (select l.item_id from letter l join item i on i.id = l.item_id
+                           where l.operator_id = $1 and l.status = 'ready'
+                           order by l.created_at limit $3 for update of i, l skip locked)
          returning item_id, pdf_sha256",
     )
     .bind(op.id)
@@ -115,8 +116,7 @@ pub async fn claim(
     .fetch_all(&mut *tx)
     .await?;
     for (item_id, sha256) in &claimed {
-        // Lock order: item row, then the log head.
-        sqlx::query("select 1 from item where id = $1 for update").bind(item_id).execute(&mut *tx).await?;
+        // The item rows are locked with their letters above (a recall locks item, then letter).
         let ctx = ItemContext::load(&mut tx, *item_id).await?;
         evidence::append(
             &mut tx,

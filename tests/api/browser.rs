@@ -259,6 +259,7 @@ async fn a_citizen_signs_in_reads_acknowledges_and_signs_out_in_a_real_browser()
     browser.click("form[action='/signin'] button").await;
     browser.wait_url("/signin/code").await;
     browser.screenshots("2-code").await;
+    crate::web::wait_codes(&app, 1).await;
     let code = crate::web::last_code(&app).await;
     browser.type_into("#code", &code).await;
     browser.click("form[action='/signin/code'] button").await;

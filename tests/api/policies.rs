@@ -345,3 +345,29 @@ async fn two_schedulers_racing_fire_each_timer_once() {
     assert!(x.unwrap() ^ y.unwrap(), "exactly one scheduler runs the overdue job");
     assert!(!dalil::scheduler::claim(&app.pool, "retention", &schedule, "c").await.unwrap(), "once, not thrice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passed_deemed_time_decides_service_even_before_a_scheduler_records_it() {
+    // No scheduler: the deemed time passes, and nobody has fired the timer yet.
+    let app =
+        TestApp::spawn_with(Options { roles: Roles { scheduler: false, ..Roles::ALL }, ..Default::default() }).await;
+    let key = app.agency("court-late-scheduler").await;
+    let (pinfl, token) = consenting_recipient(&app, "3010190123463").await;
+    let id = submitted(&app, &key, "l-1", &summons(&pinfl)).await;
+    app.wait_for_status(&key, &id, &["consigned"]).await;
+    make_due(&app, &id, "deemed").await;
+
+    // The agency cannot recall it any more.
+    let r = app.post(&format!("/v1/correspondence/{id}/recall"), &key).await;
+    assert_eq!(r.status(), 409);
+    assert!(r.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("deemed served"));
+    // The citizen opening it now does not serve it by access.
+    assert_eq!(app.get(&format!("/v1/inbox/{id}"), &token).await.status(), 200);
+    assert_eq!(item(&app, &key, &id).await["served"], Value::Null);
+    // When a scheduler comes back, the rule serves it at the deemed time.
+    let fired = dalil::timers::fire_due(&app.pool, dalil::timers::Kind::Deemed, "late").await.unwrap();
+    assert_eq!(fired.acted, 1);
+    let v = item(&app, &key, &id).await;
+    assert_eq!(v["served"]["rule"], "deemed");
+    assert_eq!(v["status"], "served");
+}

@@ -82,7 +82,9 @@ impl WebClient {
     pub async fn sign_in(&mut self, app: &TestApp, pinfl: &str) -> Page {
         let page = self.get("/signin").await;
         let csrf = page.field("csrf");
+        let before = codes_sent(app).await;
         let sent = self.post("/signin", &[("csrf", &csrf), ("pinfl", pinfl), ("next", "/inbox")]).await;
+        wait_codes(app, before + 1).await;
         assert_eq!(sent.status, StatusCode::SEE_OTHER, "{}", sent.body);
         let code_url = sent.location();
         let challenge = code_url.split("c=").nth(1).unwrap().split('&').next().unwrap().to_string();
@@ -92,12 +94,28 @@ impl WebClient {
     }
 }
 
-/// The code in the last SMS the simulator received.
+/// The code in the last SMS the simulator received. Codes are sent in the background: wait for
+/// the one asked for with [`wait_codes`] first.
 pub async fn last_code(app: &TestApp) -> String {
+    wait_codes(app, 1).await;
     let messages = app.sms.messages().await;
     let code = messages.iter().rev().find(|m| m.request.client_ref.starts_with("otp-")).expect("a code was sent");
     let text = &code.request.text;
     text.split(|c: char| !c.is_ascii_digit()).find(|w| w.len() == 6).expect("a 6-digit code").to_string()
+}
+
+/// Sign-in codes the SMS simulator has received.
+pub async fn codes_sent(app: &TestApp) -> usize {
+    app.sms.messages().await.iter().filter(|m| m.request.client_ref.starts_with("otp-")).count()
+}
+
+/// Waits until the simulator has received `n` codes.
+pub async fn wait_codes(app: &TestApp, n: usize) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while codes_sent(app).await < n {
+        assert!(tokio::time::Instant::now() < deadline, "{} of {n} codes sent", codes_sent(app).await);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 async fn citizen_with_phone(app: &TestApp, first13: &str, phone: &str) -> String {
@@ -166,6 +184,7 @@ async fn wrong_codes_run_out_and_requests_are_rate_limited() {
     let csrf = web.get("/signin").await.field("csrf");
     let sent = web.post("/signin", &[("csrf", &csrf), ("pinfl", &pinfl)]).await;
     let challenge = sent.location().split("c=").nth(1).unwrap().split('&').next().unwrap().to_string();
+    wait_codes(&app, 1).await;
     let right = last_code(&app).await;
     let wrong = if right == "000000" { "111111" } else { "000000" };
     for left in (1..5).rev() {
@@ -187,14 +206,15 @@ async fn wrong_codes_run_out_and_requests_are_rate_limited() {
     }
     let r = web.post("/signin", &[("csrf", &csrf), ("pinfl", &pinfl)]).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(app.sms.messages().await.len(), 5);
+    wait_codes(&app, 5).await;
 
     // A PINFL nobody registered gets the same answer, and no SMS goes anywhere.
     let unknown = dalil::domain::Pinfl::with_check_digit("3999999999999").to_string();
     let r = web.post("/signin", &[("csrf", &csrf), ("pinfl", &unknown)]).await;
     assert_eq!(r.status, StatusCode::SEE_OTHER);
     assert!(r.location().starts_with("/signin/code?c="));
-    assert_eq!(app.sms.messages().await.len(), 5);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(codes_sent(&app).await, 5, "no code for a PINFL nobody registered");
     // A malformed one is told so.
     let r = web.post("/signin", &[("csrf", &csrf), ("pinfl", "12345")]).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
