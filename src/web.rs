@@ -557,12 +557,17 @@ async fn start_challenge(state: &AppState, pinfl: &Pinfl, addr: &str, lang: &str
 /// Sends the code through the SMS gateway of the `sms` channel, at once (a code that waits in
 /// a retry queue is useless).
 async fn send_code(state: &AppState, to: &str, text: &str, challenge: Uuid) -> anyhow::Result<String> {
+    send_text(state, to, text, &format!("otp-{challenge}")).await
+}
+
+/// Sends one SMS through the gateway at once; `client_ref` is the gateway's idempotency key.
+async fn send_text(state: &AppState, to: &str, text: &str, client_ref: &str) -> anyhow::Result<String> {
     let s = &state.settings.sms;
     let request = crate::channels::sms::SendRequest {
         to: to.to_string(),
         from: s.sender.clone(),
         text: text.to_string(),
-        client_ref: format!("otp-{challenge}"),
+        client_ref: client_ref.to_string(),
         callback_url: format!(
             "{}/v1/providers/sms/{}/reports",
             state.settings.public_url.trim_end_matches('/'),
@@ -1047,8 +1052,30 @@ async fn save_settings(
         },
     )
     .await?;
+    let phone_changed = old_phone != phone;
+    if phone_changed {
+        // Sign-in codes go to this phone: every other session of the recipient ends, and the
+        // old number is told, so a change the owner did not make does not go unnoticed.
+        sqlx::query(
+            "update web_session set ended_at = now() where recipient_id = $1 and token_hash <> $2 and ended_at is null",
+        )
+        .bind(s.recipient_id)
+        .bind(&s.token_hash)
+        .execute(&mut *tx)
+        .await?;
+    }
     tx.commit().await?;
     tracing::info!(recipient_id = %s.recipient_id, "recipient changed their settings");
+    if let (true, Some(old)) = (phone_changed, old_phone) {
+        let text = "Dalil: kiruvchi qutingiz telefon raqami oʻzgartirildi. Bu siz boʻlmasangiz, darhol xabar bering. \
+                    Dalil: the phone number of your inbox was changed. If it was not you, report it at once.";
+        let (state, id) = (state.clone(), Uuid::now_v7());
+        tokio::spawn(async move {
+            if let Err(e) = send_text(&state, &old, text, &format!("phone-change-{id}")).await {
+                tracing::warn!(error = %e, "could not tell the old number of a phone change");
+            }
+        });
+    }
     Ok(true)
 }
 

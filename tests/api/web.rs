@@ -303,6 +303,11 @@ async fn opening_acknowledging_and_settings_are_evidence() {
     assert!(events.iter().any(|(e, _)| *e == "ContentHandover"));
     assert!(events.iter().any(|(e, d)| *e == "ConsignmentAcceptance" && d["via"] == "web"));
 
+    // A second session of the same citizen (another browser).
+    let mut other = WebClient::new(&app);
+    other.sign_in(&app, &pinfl).await;
+    assert_eq!(other.get("/inbox").await.status, 200);
+
     // Settings: consent off and a new phone, recorded about the recipient.
     let page = web.get("/settings").await;
     let csrf = page.field("csrf");
@@ -324,6 +329,20 @@ async fn opening_acknowledging_and_settings_are_evidence() {
     assert_eq!(record["recipient"]["pinfl"], pinfl.as_str());
     assert_eq!(record["details"]["changes"]["digital_consent"], serde_json::json!({ "from": true, "to": false }));
     assert_eq!(record["details"]["changes"]["phone"]["to"], "+998901112299");
+    // A new phone ends the other sessions and is announced to the old number.
+    assert_eq!(other.get("/inbox").await.status, StatusCode::SEE_OTHER);
+    assert_eq!(web.get("/inbox").await.status, 200, "this session stays");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !app
+        .sms
+        .messages()
+        .await
+        .iter()
+        .any(|m| m.request.client_ref.starts_with("phone-change-") && m.request.to == "+998901112238")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the old number was never told");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // A bad phone is refused and changes nothing.
     let r = web.post("/settings", &[("csrf", &csrf), ("phone", "12"), ("email", "")]).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
