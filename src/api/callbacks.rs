@@ -150,14 +150,7 @@ pub async fn deliveries(
         }
     }
     let max = state.settings.api.max_page_size;
-    let limit = match &q.limit {
-        None => 50.min(max),
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=max).contains(l))
-            .ok_or_else(|| ApiError::invalid("limit", format!("a whole number from 1 to {max}")))?,
-    };
+    let limit = super::page_limit(q.limit.as_deref(), max)?;
     let mut b = sqlx::QueryBuilder::new(
         "select d.id, d.endpoint_id, ep.url, d.event_id, ev.type as event_type, ev.item_id, d.status, d.replay,
                 d.created_at, d.finished_at

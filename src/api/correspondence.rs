@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::auth::Agency;
 use super::{ApiError, ApiResult, AppState, JsonBody};
-use crate::domain::{FieldError, Kind, Language, RecipientId};
+use crate::domain::{Kind, Language, RecipientId};
 use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence, StoredEvidence};
 use crate::outbox;
 use crate::policy::ServiceRule;
@@ -841,13 +841,7 @@ pub async fn list(
     let after = parse_time("created_after", &q.created_after)?;
     let before = parse_time("created_before", &q.created_before)?;
     let max = state.settings.api.max_page_size;
-    let limit =
-        match &q.limit {
-            None => 50.min(max),
-            Some(l) => l.parse::<i64>().ok().filter(|l| (1..=max).contains(l)).ok_or_else(|| {
-                ApiError::Invalid(FieldError::new("limit", format!("a whole number from 1 to {max}")))
-            })?,
-        };
+    let limit = super::page_limit(q.limit.as_deref(), max)?;
     let cursor = q
         .cursor
         .as_deref()

@@ -79,6 +79,18 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The `limit` of a list endpoint: 1 to `max`, 50 (or `max`) when absent.
+pub fn page_limit(limit: Option<&str>, max: i64) -> ApiResult<i64> {
+    match limit {
+        None => Ok(50.min(max)),
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=max).contains(l))
+            .ok_or_else(|| ApiError::invalid("limit", format!("a whole number from 1 to {max}"))),
+    }
+}
+
 /// A JSON body, parsed with the failing field named: malformed JSON is a 400, a body of the
 /// wrong shape a 422 naming the path (`recipient.pinfl`), an oversize body a 413.
 pub struct JsonBody<T> {
