@@ -81,6 +81,8 @@ pub struct LogSettings {
     pub key_dir: PathBuf,
     pub signing_key_pem: SecretString,
     pub generate_key_if_missing: bool,
+    /// How often a scheduler gives newly committed records their log indexes (milliseconds).
+    pub sequence_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

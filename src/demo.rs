@@ -456,6 +456,15 @@ fn timeline(story: &Story, v: &Value, started: DateTime<Utc>) -> String {
             .map(|t| format!("{:>7.2}s", (t - started).num_milliseconds() as f64 / 1000.0))
             .unwrap_or_default()
     };
+    let index_of = |evidence_id: &Value| {
+        v["evidence"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| &e["evidence_id"] == evidence_id)
+            .and_then(|e| e["log_index"].as_i64())
+            .map_or_else(|| "not indexed yet".to_string(), |i| format!("#{i}"))
+    };
     for e in v["evidence"].as_array().into_iter().flatten() {
         let r = &e["record"];
         let d = &r["details"];
@@ -469,9 +478,9 @@ fn timeline(story: &Story, v: &Value, started: DateTime<Utc>) -> String {
             }
             "DeemedDelivery" => {
                 note = format!(
-                    "rule: {} after the deposit (record #{})",
+                    "rule: {} after the deposit (record {})",
                     d["rule"]["after"].as_str().unwrap_or_default(),
-                    d["rule"]["deposit"]["log_index"]
+                    index_of(&d["rule"]["deposit"]["evidence_id"])
                 )
             }
             _ => {}
@@ -482,7 +491,7 @@ fn timeline(story: &Story, v: &Value, started: DateTime<Utc>) -> String {
         out.push_str(&format!(
             "  {}  {:<5} {:<31} {:<7} {}\n",
             since(e["at"].as_str().unwrap_or_default()),
-            format!("#{}", e["log_index"]),
+            e["log_index"].as_i64().map_or_else(|| "#…".to_string(), |i| format!("#{i}")),
             e["event"].as_str().unwrap_or_default(),
             e["channel"].as_str().unwrap_or("-"),
             note

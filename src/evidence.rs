@@ -1,10 +1,11 @@
 //! The evidence log: append-only records of every event in an item's life, named after
 //! ETSI EN 319 522, each kept as RFC 8785 canonical JSON with its SHA-256.
 //!
-//! Appends are serialised by one row (`evidence_log_head`): a transaction takes the next
-//! indexes with `UPDATE … RETURNING` and holds the row lock until it commits, so indexes are
-//! dense and follow commit order even with many writers. Callers append evidence as the last
-//! statement of their transaction to keep that lock short.
+//! A record is written in the transaction of the change it proves, without a log index: writers
+//! never wait for one another. The sequencer ([`crate::log::sequence`]) gives committed records
+//! their dense indexes afterwards, in insertion order. Records of version 2 therefore do not
+//! carry their index; the index is their position in the Merkle tree, which inclusion proofs
+//! fix. Version 1 records (written before the sequencer) name theirs and stay verifiable.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -96,7 +97,6 @@ pub struct NewEvidence {
 #[derive(Serialize)]
 struct Record<'a> {
     version: u32,
-    log_index: i64,
     evidence_id: Uuid,
     event: Event,
     at: String,
@@ -111,10 +111,12 @@ struct Record<'a> {
     details: &'a Value,
 }
 
-/// One appended record, as stored.
+/// Version of the records written now: 2 has no `log_index` inside.
+pub const RECORD_VERSION: u32 = 2;
+
+/// One appended record, as stored. Its log index comes later, from the sequencer.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Appended {
-    pub log_index: i64,
     pub evidence_id: Uuid,
     pub event: Event,
     pub at: DateTime<Utc>,
@@ -153,17 +155,10 @@ pub async fn append(
         return Ok(Vec::new());
     }
     let evidence_ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
-    // The agency's callbacks for these events, before the log head is taken, to keep its lock
-    // short.
+    // The agency's callbacks for these events.
     let records: Vec<(Uuid, &NewEvidence)> = evidence_ids.iter().copied().zip(events.iter()).collect();
     crate::callbacks::enqueue(&mut *conn, item.item_id, &records).await?;
-    let n = events.len() as i64;
-    let first: i64 = sqlx::query_scalar("update evidence_log_head set size = size + $1 returning size - $1")
-        .bind(n)
-        .fetch_one(&mut *conn)
-        .await?;
 
-    let mut indexes = Vec::with_capacity(events.len());
     let mut ids = Vec::with_capacity(events.len());
     let mut names = Vec::with_capacity(events.len());
     let mut times = Vec::with_capacity(events.len());
@@ -173,12 +168,10 @@ pub async fn append(
     let mut leaves = Vec::with_capacity(events.len());
     let mut appended = Vec::with_capacity(events.len());
     for (i, e) in events.iter().enumerate() {
-        let log_index = first + i as i64;
         let evidence_id = evidence_ids[i];
         let at = truncate(e.at);
         let record = Record {
-            version: 1,
-            log_index,
+            version: RECORD_VERSION,
             evidence_id,
             event: e.event,
             at: format_time(at),
@@ -194,8 +187,7 @@ pub async fn append(
         let bytes = canonical(&record);
         let hash = Sha256::digest(&bytes).to_vec();
         leaves.push(crate::merkle::leaf_hash(&bytes).to_vec());
-        appended.push(Appended { log_index, evidence_id, event: e.event, at, sha256: hex::encode(&hash) });
-        indexes.push(log_index);
+        appended.push(Appended { evidence_id, event: e.event, at, sha256: hex::encode(&hash) });
         ids.push(evidence_id);
         names.push(e.event.as_str());
         times.push(at);
@@ -204,12 +196,12 @@ pub async fn append(
         hashes.push(hash);
     }
     sqlx::query(
-        "insert into evidence (log_index, evidence_id, item_id, event, at, channel, canonical, sha256, leaf_hash)
-         select l, e, $3, n, t, c, b, h, f
-         from unnest($1::bigint[], $2::uuid[], $4::text[], $5::timestamptz[], $6::text[], $7::bytea[], $8::bytea[],
-                     $9::bytea[]) as x(l, e, n, t, c, b, h, f)",
+        "insert into evidence (evidence_id, item_id, event, at, channel, canonical, sha256, leaf_hash)
+         select e, $2, n, t, c, b, h, f
+         from unnest($1::uuid[], $3::text[], $4::timestamptz[], $5::text[], $6::bytea[], $7::bytea[], $8::bytea[])
+              with ordinality as x(e, n, t, c, b, h, f, o)
+         order by o",
     )
-    .bind(&indexes)
     .bind(&ids)
     .bind(item.item_id)
     .bind(&names)
@@ -226,7 +218,6 @@ pub async fn append(
 #[derive(Serialize)]
 struct RecipientRecord<'a> {
     version: u32,
-    log_index: i64,
     evidence_id: Uuid,
     event: Event,
     at: String,
@@ -236,8 +227,7 @@ struct RecipientRecord<'a> {
     details: &'a Value,
 }
 
-/// Appends one record about a recipient rather than an item (their own settings). Takes the
-/// log head like [`append`]: call it last in the transaction.
+/// Appends one record about a recipient rather than an item (their own settings).
 pub async fn append_for_recipient(
     conn: &mut PgConnection,
     recipient_id: Uuid,
@@ -245,13 +235,9 @@ pub async fn append_for_recipient(
     e: NewEvidence,
 ) -> sqlx::Result<Appended> {
     let evidence_id = Uuid::now_v7();
-    let log_index: i64 = sqlx::query_scalar("update evidence_log_head set size = size + 1 returning size - 1")
-        .fetch_one(&mut *conn)
-        .await?;
     let at = truncate(e.at);
     let bytes = canonical(&RecipientRecord {
-        version: 1,
-        log_index,
+        version: RECORD_VERSION,
         evidence_id,
         event: e.event,
         at: format_time(at),
@@ -262,11 +248,9 @@ pub async fn append_for_recipient(
     });
     let hash = Sha256::digest(&bytes).to_vec();
     sqlx::query(
-        "insert into evidence (log_index, evidence_id, item_id, recipient_id, event, at, channel, canonical, sha256,
-                               leaf_hash)
-         values ($1, $2, null, $3, $4, $5, $6, $7, $8, $9)",
+        "insert into evidence (evidence_id, item_id, recipient_id, event, at, channel, canonical, sha256, leaf_hash)
+         values ($1, null, $2, $3, $4, $5, $6, $7, $8)",
     )
-    .bind(log_index)
     .bind(evidence_id)
     .bind(recipient_id)
     .bind(e.event.as_str())
@@ -277,14 +261,14 @@ pub async fn append_for_recipient(
     .bind(crate::merkle::leaf_hash(&bytes).to_vec())
     .execute(&mut *conn)
     .await?;
-    Ok(Appended { log_index, evidence_id, event: e.event, at, sha256: hex::encode(&hash) })
+    Ok(Appended { evidence_id, event: e.event, at, sha256: hex::encode(&hash) })
 }
 
 /// A recipient's own records (settings changes), oldest first.
 pub async fn for_recipient(conn: &mut PgConnection, recipient_id: Uuid) -> sqlx::Result<Vec<StoredEvidence>> {
     let rows: Vec<EvidenceRow> = sqlx::query_as(
-        "select log_index, event, at, channel, canonical, sha256 from evidence where recipient_id = $1
-         order by log_index",
+        "select evidence_id, log_index, event, at, channel, canonical, sha256 from evidence where recipient_id = $1
+         order by seq",
     )
     .bind(recipient_id)
     .fetch_all(conn)
@@ -294,6 +278,7 @@ pub async fn for_recipient(conn: &mut PgConnection, recipient_id: Uuid) -> sqlx:
 
 fn stored(r: EvidenceRow) -> StoredEvidence {
     StoredEvidence {
+        evidence_id: r.evidence_id,
         log_index: r.log_index,
         event: r.event,
         at: r.at,
@@ -306,7 +291,10 @@ fn stored(r: EvidenceRow) -> StoredEvidence {
 /// A stored record, for the API.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StoredEvidence {
-    pub log_index: i64,
+    pub evidence_id: Uuid,
+    /// The record's place in the log; null for the moment between its commit and the
+    /// sequencer's next pass (well under a second while a scheduler runs).
+    pub log_index: Option<i64>,
     pub event: String,
     pub at: DateTime<Utc>,
     pub channel: Option<String>,
@@ -319,7 +307,8 @@ pub struct StoredEvidence {
 
 #[derive(sqlx::FromRow)]
 struct EvidenceRow {
-    log_index: i64,
+    evidence_id: Uuid,
+    log_index: Option<i64>,
     event: String,
     at: DateTime<Utc>,
     channel: Option<String>,
@@ -329,7 +318,8 @@ struct EvidenceRow {
 
 pub async fn for_item(conn: &mut PgConnection, item_id: Uuid) -> sqlx::Result<Vec<StoredEvidence>> {
     let rows: Vec<EvidenceRow> = sqlx::query_as(
-        "select log_index, event, at, channel, canonical, sha256 from evidence where item_id = $1 order by log_index",
+        "select evidence_id, log_index, event, at, channel, canonical, sha256 from evidence where item_id = $1
+         order by seq",
     )
     .bind(item_id)
     .fetch_all(conn)

@@ -1,10 +1,12 @@
 //! The evidence log as a Merkle tree in PostgreSQL: integration of new leaves into stored
 //! perfect subtrees, roots and proofs for any size, signing keys, checkpoints and the monitor.
 //!
-//! Appends stay cheap: the transaction that writes evidence only adds its leaf hashes (see
-//! [`crate::evidence`]). The integrator, run before every checkpoint under an advisory lock,
-//! adds each new leaf's completed parent nodes — on average one node per leaf — so a root or a
-//! proof for any size reads O(log n) rows, never the whole log.
+//! Appends stay cheap: the transaction that writes evidence only adds records and their leaf
+//! hashes, without an index (see [`crate::evidence`]). The sequencer ([`sequence`]), run every
+//! few hundred milliseconds by the scheduler and before every checkpoint and bundle, gives
+//! committed records their dense indexes. The integrator, run before every checkpoint, adds each
+//! new leaf's completed parent nodes — on average one node per leaf — so a root or a proof for
+//! any size reads O(log n) rows, never the whole log. Both run under one advisory lock.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -25,6 +27,65 @@ use crate::note::{self, VerifierKey};
 const LOG_LOCK: i64 = 0x6461_6c69_6c00_0001;
 /// Leaves integrated per transaction.
 const CHUNK: i64 = 100_000;
+/// Records sequenced per statement.
+const SEQUENCE_CHUNK: i64 = 20_000;
+
+/// Gives every committed record without an index the next indexes, in insertion order, and
+/// moves the head. The caller holds [`LOG_LOCK`] in its transaction. Only records this
+/// statement's snapshot sees as committed are taken, so a record committed later gets a later
+/// index: none is skipped, none is indexed twice (the unique index on `log_index` and the
+/// table's trigger would refuse it), and indexes stay dense.
+async fn sequence_locked(conn: &mut PgConnection) -> anyhow::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "with head as (select size from evidence_log_head),
+                  pending as (select evidence_id, row_number() over (order by seq) - 1 as rn
+                              from evidence where log_index is null order by seq limit $1),
+                  assigned as (update evidence e set log_index = (select size from head) + p.rn
+                               from pending p where e.evidence_id = p.evidence_id returning 1),
+                  moved as (update evidence_log_head set size = size + (select count(*) from assigned)
+                            returning size)
+             select count(*) from assigned",
+        )
+        .bind(SEQUENCE_CHUNK)
+        .fetch_one(&mut *conn)
+        .await?;
+        total += n as u64;
+        if n < SEQUENCE_CHUNK {
+            return Ok(total);
+        }
+    }
+}
+
+/// Sequences the log (see [`sequence_locked`]); returns how many records got an index. With
+/// `wait = false`, returns 0 at once when another process holds the log's lock (it is
+/// sequencing, or signing, which sequences too).
+pub async fn sequence(pool: &PgPool, wait: bool) -> anyhow::Result<u64> {
+    let mut tx = pool.begin().await?;
+    if wait {
+        sqlx::query("select pg_advisory_xact_lock($1)").bind(LOG_LOCK).execute(&mut *tx).await?;
+    } else {
+        let got: bool =
+            sqlx::query_scalar("select pg_try_advisory_xact_lock($1)").bind(LOG_LOCK).fetch_one(&mut *tx).await?;
+        if !got {
+            return Ok(0);
+        }
+    }
+    let n = sequence_locked(&mut tx).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Records committed but not sequenced yet, and how long the oldest of them has waited.
+pub async fn sequencing_lag(pool: &PgPool) -> anyhow::Result<(i64, f64)> {
+    Ok(sqlx::query_as(
+        "select count(*), coalesce(extract(epoch from now() - min(created_at))::float8, 0)
+         from evidence where log_index is null",
+    )
+    .fetch_one(pool)
+    .await?)
+}
 
 fn to_hash(bytes: &[u8]) -> anyhow::Result<Hash> {
     bytes.try_into().context("a stored hash is not 32 bytes")
@@ -109,10 +170,10 @@ pub async fn consistency_proof(conn: &mut PgConnection, old: u64, new: u64) -> a
 /// Adds the perfect nodes of every committed leaf not yet integrated. Returns the integrated
 /// size. The caller holds [`LOG_LOCK`] in its transaction.
 async fn integrate_locked(conn: &mut PgConnection) -> anyhow::Result<u64> {
+    sequence_locked(conn).await?;
     loop {
         let done = integrated_size(conn).await?;
-        // Indexes below the committed head are all committed: the head's row lock is held by
-        // each appender until it commits.
+        // Indexes below the head are all committed: only the sequencer moves it, under this lock.
         let head: i64 = sqlx::query_scalar("select size from evidence_log_head").fetch_one(&mut *conn).await?;
         let head = head as u64;
         if head <= done {

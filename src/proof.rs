@@ -4,6 +4,7 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use anyhow::Context as _;
 use chrono::{DateTime, FixedOffset, Utc};
 use ed25519_dalek::{Signature, Signer as _};
 use serde::{Deserialize, Serialize};
@@ -58,7 +59,11 @@ pub struct Party {
 pub struct ServedSummary {
     pub at: DateTime<Utc>,
     pub rule: String,
+    /// The log index of the record that served the item.
     pub log_index: i64,
+    /// The same record's `evidence_id` (bundles made before records v2 do not carry it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence_id: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -111,7 +116,7 @@ struct SummaryRow {
     content_sha256: String,
     served_at: Option<DateTime<Utc>>,
     served_rule: Option<String>,
-    served_evidence: Option<i64>,
+    served_evidence: Option<Uuid>,
 }
 
 /// Builds the bundle of an item (the caller has checked who may see it).
@@ -126,16 +131,31 @@ pub async fn build(pool: &PgPool, signer: &Signer, item_id: Uuid) -> anyhow::Res
     .fetch_one(&mut *conn)
     .await?;
     let attachments = crate::api::correspondence::attachment_digests(&mut conn, item_id).await?;
-    let records: Vec<(i64, Vec<u8>)> =
-        sqlx::query_as("select log_index, canonical from evidence where item_id = $1 order by log_index")
+    // Every record of the item needs its index: sequence what was committed since the last pass.
+    // A record committed while this runs may miss the pass; the next one takes it.
+    let mut records: Vec<(Uuid, Option<i64>, Vec<u8>)> = Vec::new();
+    for _ in 0..5 {
+        log::sequence(pool, true).await?;
+        records = sqlx::query_as("select evidence_id, log_index, canonical from evidence where item_id = $1 order by seq")
             .bind(item_id)
             .fetch_all(&mut *conn)
             .await?;
-    let last = records.last().map(|r| r.0 as u64).unwrap_or(0);
+        if records.iter().all(|r| r.1.is_some()) {
+            break;
+        }
+    }
+    let mut records: Vec<(Uuid, i64, Vec<u8>)> = records
+        .into_iter()
+        .map(|(id, index, bytes)| index.map(|i| (id, i, bytes)))
+        .collect::<Option<_>>()
+        .context("records of the item are still waiting for their log index")?;
+    records.sort_by_key(|r| r.1);
+    let last = records.iter().map(|r| r.1 as u64).max().unwrap_or(0);
     let cp = log::checkpoint_covering(pool, signer, last + 1).await?;
     let size = cp.size as u64;
     let mut bundle_records = Vec::with_capacity(records.len());
-    for (index, canonical) in records {
+    let served_index = records.iter().find(|r| Some(r.0) == row.served_evidence).map(|r| r.1);
+    for (_, index, canonical) in records {
         let proof = log::inclusion_proof(&mut conn, index as u64, size).await?;
         bundle_records.push(BundleRecord {
             log_index: index as u64,
@@ -156,8 +176,10 @@ pub async fn build(pool: &PgPool, signer: &Signer, item_id: Uuid) -> anyhow::Res
             submitted_at: row.created_at,
             content_sha256: row.content_sha256,
             attachments: attachments.iter().map(|a| serde_json::to_value(a).expect("plain JSON")).collect(),
-            served: match (row.served_at, row.served_rule, row.served_evidence) {
-                (Some(at), Some(rule), Some(log_index)) => Some(ServedSummary { at, rule, log_index }),
+            served: match (row.served_at, row.served_rule, served_index) {
+                (Some(at), Some(rule), Some(log_index)) => {
+                    Some(ServedSummary { at, rule, log_index, evidence_id: row.served_evidence })
+                }
                 _ => None,
             },
         },
@@ -263,7 +285,10 @@ fn check(
         if crate::evidence::canonical(&record) != bytes {
             return Err(format!("record at log index {at} is not in canonical form (RFC 8785)"));
         }
-        if record["log_index"].as_u64() != Some(at) {
+        // Version 1 records name their index; later ones get it from the sequencer, after they
+        // were written, and the inclusion proof below fixes it.
+        let named = record.get("log_index");
+        if (named.is_some() || record["version"] == 1) && named.and_then(Value::as_u64) != Some(at) {
             return Err(format!("record at log index {at} names another log index"));
         }
         if record["item_id"].as_str() != Some(bundle.item.id.to_string().as_str()) {
@@ -290,12 +315,13 @@ fn check(
             actor: record["actor"].clone(),
             channel: record["channel"].as_str().map(String::from),
         });
-        parsed.push(record);
+        parsed.push((at, record));
     }
 
     // The summary must say what the records say.
     let submission = parsed
         .iter()
+        .map(|(_, r)| r)
         .find(|r| r["event"] == "SubmissionAcceptance")
         .ok_or("no SubmissionAcceptance record: the submission is not proven")?;
     let digests = &submission["digests"];
@@ -313,11 +339,12 @@ fn check(
     {
         return Err("the summary's sender or recipient differs from the submission record".into());
     }
-    let serving: Vec<&Value> = parsed.iter().filter(|r| r["details"]["served"].is_object()).collect();
+    let serving: Vec<&(u64, Value)> = parsed.iter().filter(|(_, r)| r["details"]["served"].is_object()).collect();
     match (&bundle.item.served, serving.first()) {
         (None, None) => {}
-        (Some(s), Some(r)) => {
-            if r["log_index"].as_i64() != Some(s.log_index)
+        (Some(s), Some((index, r))) => {
+            if *index as i64 != s.log_index
+                || s.evidence_id.is_some_and(|id| r["evidence_id"].as_str() != Some(id.to_string().as_str()))
                 || r["details"]["served"]["rule"].as_str() != Some(s.rule.as_str())
             {
                 return Err("the summary's service (time, rule, record) differs from the record that served it".into());

@@ -42,6 +42,11 @@ pub async fn run(pool: PgPool, settings: Settings, cancel: CancellationToken) ->
         jobs.push((name, schedule));
     }
     let me = who();
+    let sequencer = tokio::spawn(run_sequencer(
+        pool.clone(),
+        Duration::from_millis(settings.log.sequence_interval_ms.max(10)),
+        cancel.clone(),
+    ));
     let running: Arc<Mutex<HashSet<&'static str>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let tick = Duration::from_millis(settings.scheduler.tick_ms);
@@ -84,7 +89,37 @@ pub async fn run(pool: PgPool, settings: Settings, cancel: CancellationToken) ->
     }
     // Let running jobs finish their transaction.
     while tasks.join_next().await.is_some() {}
+    let _ = sequencer.await;
     Ok(())
+}
+
+/// Gives committed evidence records their log indexes every `interval` (see
+/// [`log::sequence`]). Several schedulers may run it: one sequences, the others skip the pass.
+async fn run_sequencer(pool: PgPool, interval: Duration, cancel: CancellationToken) {
+    let mut failing = false;
+    loop {
+        match log::sequence(&pool, false).await {
+            Ok(n) => {
+                if failing {
+                    tracing::info!("sequencer: working again");
+                    failing = false;
+                }
+                if n > 0 {
+                    tracing::debug!(records = n, "sequencer: records indexed");
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!(error = format!("{e:#}"), "sequencer: could not index new evidence records");
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
 }
 
 struct Running(Arc<Mutex<HashSet<&'static str>>>, &'static str);
@@ -178,6 +213,14 @@ pub async fn run_job(name: &str, pool: &PgPool, settings: &Settings, me: &str) -
                     waiting,
                     oldest_seconds = oldest.unwrap_or_default() as i64,
                     "outbox rows wait unpublished: is `dalil relay` running and RabbitMQ reachable?"
+                );
+            }
+            let (unsequenced, oldest) = log::sequencing_lag(pool).await?;
+            if oldest > 60.0 {
+                tracing::warn!(
+                    unsequenced,
+                    oldest_seconds = oldest as i64,
+                    "evidence records wait for their log index: is a scheduler's sequencer failing?"
                 );
             }
         }

@@ -177,8 +177,8 @@ async fn deem(
         return Ok(("nothing to do: the item has no deemed-service rule".into(), false));
     };
     // The deposit that started the clock, named in the record.
-    let deposit: (i64, DateTime<Utc>) = sqlx::query_as(
-        "select log_index, at from evidence where item_id = $1 and event = 'ContentConsignment' order by log_index limit 1",
+    let deposit: (Uuid, DateTime<Utc>) = sqlx::query_as(
+        "select evidence_id, at from evidence where item_id = $1 and event = 'ContentConsignment' order by seq limit 1",
     )
     .bind(item_id)
     .fetch_one(&mut **tx)
@@ -187,7 +187,7 @@ async fn deem(
     let served_at = evidence::truncate(due_at);
     let ctx = ItemContext::load(tx, item_id).await?;
     let mut rule = rule.0;
-    rule["deposit"] = serde_json::json!({ "log_index": deposit.0, "at": evidence::format_time(deposit.1) });
+    rule["deposit"] = serde_json::json!({ "evidence_id": deposit.0, "at": evidence::format_time(deposit.1) });
     let appended = evidence::append(
         tx,
         &ctx,
@@ -212,7 +212,7 @@ async fn deem(
     )
     .bind(item_id)
     .bind(served_at)
-    .bind(appended[0].log_index)
+    .bind(appended[0].evidence_id)
     .execute(&mut **tx)
     .await?;
     tracing::info!(%item_id, rule = "deemed", "served");

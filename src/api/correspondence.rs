@@ -555,8 +555,8 @@ pub struct Served {
     pub at: DateTime<Utc>,
     /// The rule of the policy that made the item served, e.g. `accessed`.
     pub rule: String,
-    /// The log index of the evidence that decided it.
-    pub evidence: Option<i64>,
+    /// The `evidence_id` of the record that decided it (one of `evidence`).
+    pub evidence: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
@@ -663,7 +663,7 @@ struct ItemRow {
     policy_version: i32,
     served_at: Option<DateTime<Utc>>,
     served_rule: Option<String>,
-    served_evidence: Option<i64>,
+    served_evidence: Option<Uuid>,
     respond_by_warning: Option<String>,
     digital_consent: bool,
     deemed_rule: Option<sqlx::types::Json<Value>>,

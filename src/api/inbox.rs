@@ -192,7 +192,7 @@ async fn record_open_via(
         )
         .bind(row.id)
         .bind(now)
-        .bind(appended[0].log_index)
+        .bind(appended[0].evidence_id)
         .execute(&mut **tx)
         .await?;
         row.served_at = Some(now);

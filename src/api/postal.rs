@@ -347,7 +347,7 @@ async fn apply(state: &AppState, op: &Operator, item_id: &str, ev: &PostalEvent)
     .bind(new_status)
     .bind(serve_now.map(|_| ev.at))
     .bind(serve_now.map(|r| r.as_str()))
-    .bind(serve_now.map(|_| appended[0].log_index))
+    .bind(serve_now.map(|_| appended[0].evidence_id))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -172,9 +172,12 @@ async fn the_evidence_table_refuses_update_delete_and_truncate() {
     let (pinfl, _) = app.citizen("3120588010026").await;
     let v: Value = app.submit(&key, "e-1", &summons(pinfl.as_str())).await.json().await.unwrap();
     app.wait_for_status(&key, v["id"].as_str().unwrap(), &["consigned"]).await;
+    dalil::log::sequence(&app.pool, true).await.unwrap();
     for sql in [
         "update evidence set event = 'Recall'",
-        "update evidence set at = at - interval '1 day' where log_index = 0",
+        "update evidence set at = at - interval '1 day' where event = 'SubmissionAcceptance'",
+        // The sequencer gives an index once; nobody moves it afterwards.
+        "update evidence set log_index = log_index + 100",
         "delete from evidence",
         "truncate evidence",
     ] {

@@ -118,12 +118,12 @@ async fn an_unopened_summons_escalates_to_a_letter_then_is_deemed_served() {
     let v = app.wait_for_status(&key, &id, &["served"]).await;
     assert_eq!(v["served"]["rule"], "deemed");
     let deemed = v["evidence"].as_array().unwrap().iter().find(|e| e["event"] == "DeemedDelivery").unwrap();
-    assert_eq!(v["served"]["evidence"], deemed["log_index"]);
+    assert_eq!(v["served"]["evidence"], deemed["evidence_id"]);
     let details = &deemed["record"]["details"];
     assert_eq!(details["served"]["rule"], "deemed");
     assert_eq!(details["rule"]["after"], "10d");
     let deposit = v["evidence"].as_array().unwrap().iter().find(|e| e["event"] == "ContentConsignment").unwrap();
-    assert_eq!(details["rule"]["deposit"]["log_index"], deposit["log_index"], "{details}");
+    assert_eq!(details["rule"]["deposit"]["evidence_id"], deposit["evidence_id"], "{details}");
     let served_at = v["served"]["at"].clone();
 
     // Opened afterwards: recorded, and the item stays served at the deemed time.

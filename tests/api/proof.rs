@@ -342,3 +342,99 @@ fn the_untouched_fixture_verifies() {
     assert!(v.valid, "{:?}", v.reason);
     assert_eq!(v.events.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sequencer_indexes_every_committed_record_once_densely_and_in_order() {
+    use dalil::evidence::{self, Actor, Event, ItemContext, NewEvidence};
+    // No scheduler: the test runs the sequencer itself, between commits it chooses.
+    let roles = dalil::app::Roles { scheduler: false, ..dalil::app::Roles::ALL };
+    let app = TestApp::spawn_with(crate::helpers::Options { roles, ..Default::default() }).await;
+    let key = app.agency("court-sequencer").await;
+    let (pinfl, _) = app.citizen("3120588010036").await;
+    let v: Value = app.submit(&key, "s-1", &summons(pinfl.as_str())).await.json().await.unwrap();
+    let id: uuid::Uuid = v["id"].as_str().unwrap().parse().unwrap();
+    app.wait_for_status(&key, &id.to_string(), &["consigned"]).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let ctx = ItemContext::load(&mut conn, id).await.unwrap();
+    drop(conn);
+    let record = |n: usize| NewEvidence {
+        event: Event::ContentAccessTracking,
+        at: evidence::now(),
+        actor: Actor::Platform("test".into()),
+        channel: Some("inbox".into()),
+        details: serde_json::json!({ "n": n }),
+        digests: None,
+    };
+    let before = app.count("select count(*) from evidence").await;
+
+    // A transaction that writes first and commits last.
+    let mut slow = app.pool.begin().await.unwrap();
+    evidence::append(&mut slow, &ctx, vec![record(0), record(1)]).await.unwrap();
+    // Twenty writers in parallel, five records each, while the sequencer runs between them.
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..20 {
+        let (pool, ctx) = (app.pool.clone(), ctx.clone());
+        writers.spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            evidence::append(&mut tx, &ctx, (0..5).map(|i| record(100 * (w + 1) + i)).collect()).await.unwrap();
+            tx.commit().await.unwrap();
+            dalil::log::sequence(&pool, false).await.unwrap();
+        });
+    }
+    while let Some(r) = writers.join_next().await {
+        r.unwrap();
+    }
+    dalil::log::sequence(&app.pool, true).await.unwrap();
+    let total = before + 100;
+    assert_eq!(app.count("select count(*) from evidence where log_index is not null").await, total);
+    assert_eq!(app.count("select max(log_index) + 1 from evidence").await, total, "dense from 0");
+    assert_eq!(app.count("select size from evidence_log_head").await, total);
+    // The uncommitted records were not skipped: they get the next indexes once committed.
+    assert_eq!(app.count("select count(*) from evidence where log_index is null").await, 0, "not visible yet");
+    slow.commit().await.unwrap();
+    assert_eq!(dalil::log::sequence(&app.pool, true).await.unwrap(), 2);
+    let rows: Vec<(i64, i64, Value)> =
+        sqlx::query_as("select log_index, seq, convert_from(canonical, 'UTF8')::jsonb from evidence order by log_index")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len() as i64, total + 2);
+    assert!(rows.iter().enumerate().all(|(i, r)| r.0 == i as i64), "every index once, none missing");
+    let last: Vec<i64> = rows[rows.len() - 2..].iter().map(|r| r.2["details"]["n"].as_i64().unwrap()).collect();
+    assert_eq!(last, [0, 1], "the late commit comes last, in its own order");
+    // Each transaction's records keep the order they were written in (concurrent writers may
+    // interleave).
+    for w in 0..20 {
+        let ns: Vec<(i64, i64)> = rows
+            .iter()
+            .filter(|r| r.2["details"]["n"].as_i64().is_some_and(|n| n / 100 == w + 1))
+            .map(|r| (r.0, r.2["details"]["n"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(ns.len(), 5);
+        assert!(ns.windows(2).all(|p| p[1].0 > p[0].0 && p[1].1 == p[0].1 + 1), "{ns:?}");
+    }
+    // Records v2 do not name their index; the signed tree and the bundle fix it.
+    assert!(rows.iter().all(|r| r.2["version"] == 2 && r.2.get("log_index").is_none()));
+    let bundle: Bundle = app.get(&format!("/v1/correspondence/{id}/proof"), &key).await.json().await.unwrap();
+    assert_eq!(bundle.records.len() as i64, total + 2);
+    let verdict = proof::verify(&bundle, &published_keys(&app).await);
+    assert!(verdict.valid, "{:?}", verdict.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_sequences_records_the_scheduler_has_not_indexed_yet() {
+    let roles = dalil::app::Roles { scheduler: false, ..dalil::app::Roles::ALL };
+    let app = TestApp::spawn_with(crate::helpers::Options { roles, ..Default::default() }).await;
+    let key = app.agency("court-unsequenced").await;
+    let (pinfl, token) = app.citizen("3120588010037").await;
+    let id = served_item(&app, &key, pinfl.as_str(), &token, "u-1").await;
+    let item: Value = app.get(&format!("/v1/correspondence/{id}"), &key).await.json().await.unwrap();
+    assert!(item["evidence"].as_array().unwrap().iter().all(|e| e["log_index"].is_null()), "{item}");
+    assert_eq!(item["served"]["evidence"], item["evidence"][2]["evidence_id"]);
+    let bundle: Bundle = app.get(&format!("/v1/correspondence/{id}/proof"), &key).await.json().await.unwrap();
+    let verdict = proof::verify(&bundle, &published_keys(&app).await);
+    assert!(verdict.valid, "{:?}", verdict.reason);
+    let served = bundle.item.served.unwrap();
+    assert_eq!(served.log_index, 2);
+    assert_eq!(served.evidence_id.unwrap().to_string(), item["served"]["evidence"].as_str().unwrap());
+}

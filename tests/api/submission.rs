@@ -63,8 +63,11 @@ async fn summons_is_served_when_the_citizen_opens_it() {
         ]
     );
     let access = &item["evidence"][2];
-    assert_eq!(item["served"]["evidence"], access["log_index"]);
-    // Every record is stored as canonical JSON with its hash, indexes dense from 0.
+    assert_eq!(item["served"]["evidence"], access["evidence_id"]);
+    // Every record is stored as canonical JSON with its hash; once sequenced, indexes are dense
+    // from 0, in the order the records were written.
+    dalil::log::sequence(&app.pool, true).await.unwrap();
+    let item: Value = app.get(&format!("/v1/correspondence/{id}"), &key).await.json().await.unwrap();
     for (i, e) in item["evidence"].as_array().unwrap().iter().enumerate() {
         assert_eq!(e["log_index"], i as i64);
         let canonical = dalil::evidence::canonical(&e["record"]);
