@@ -60,3 +60,15 @@ alter table item drop column served_evidence;
 alter table item rename column served_evidence_id to served_evidence;
 create trigger item_served_once before update on item
     for each row when (old.served_at is not null) execute function item_served_once();
+
+-- No NOTIFY from writing transactions: PostgreSQL makes every transaction that sent one take
+-- the same lock at commit and hold it through the WAL flush, so they committed one at a time.
+-- The relay polls (relay.poll_interval_ms) and is woken in-process after a submission.
+drop trigger outbox_notify on outbox;
+drop function outbox_notify_rows();
+drop function outbox_notify();
+
+-- Callback events name their agency for listing and replay; the item already ties them to it.
+-- A foreign key to agency made every evidence write take a share lock on the agency's one row,
+-- which all concurrent writers of a busy agency then shared through a multixact.
+alter table callback_event drop constraint callback_event_agency_id_fkey;

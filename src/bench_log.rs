@@ -81,7 +81,11 @@ async fn measure(pool: &PgPool, s: &Settings, o: &Options) -> anyhow::Result<()>
     let signer = log::signer(pool, &s.log).await?.context("no signer")?;
     let t = Instant::now();
     let first = log::sign_checkpoint(pool, &signer).await?;
-    println!("  sequenced, integrated and signed a checkpoint of size {} in {:.1} s", first.size, t.elapsed().as_secs_f64());
+    println!(
+        "  sequenced, integrated and signed a checkpoint of size {} in {:.1} s",
+        first.size,
+        t.elapsed().as_secs_f64()
+    );
 
     println!("appending {} records one per transaction with {} writers, at size {}…", o.appends, o.writers, first.size);
     let t = Instant::now();

@@ -84,11 +84,14 @@ fn extra(e: &NewEvidence, kind: &str) -> Value {
 
 /// Writes the callback events of these records, a delivery per subscribed endpoint and the
 /// outbox rows that queue them, in the caller's transaction (one statement).
-pub async fn enqueue(conn: &mut PgConnection, item_id: Uuid, records: &[(Uuid, &NewEvidence)]) -> sqlx::Result<()> {
+/// `records`: (item id, evidence id, event) of one item or several.
+pub async fn enqueue(conn: &mut PgConnection, records: &[(Uuid, Uuid, &NewEvidence)]) -> sqlx::Result<()> {
     let (mut ids, mut kinds, mut evidence_ids, mut ats, mut at_texts, mut events, mut extras) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    for (evidence_id, e) in records {
+    let mut items = vec![];
+    for (item_id, evidence_id, e) in records {
         for kind in types_for(e) {
+            items.push(*item_id);
             ids.push(Uuid::now_v7());
             kinds.push(kind);
             evidence_ids.push(*evidence_id);
@@ -108,9 +111,9 @@ pub async fn enqueue(conn: &mut PgConnection, item_id: Uuid, records: &[(Uuid, &
                    jsonb_build_object('id', x.id, 'type', x.kind, 'at', x.at_text,
                        'item', jsonb_build_object('id', i.id, 'reference', i.reference, 'kind', i.kind),
                        'evidence', jsonb_build_object('id', x.evidence_id, 'event', x.event)) || x.extra
-            from unnest($2::uuid[], $3::text[], $4::uuid[], $5::timestamptz[], $6::text[], $7::text[], $8::jsonb[])
-                 as x(id, kind, evidence_id, at, at_text, event, extra)
-            join item i on i.id = $1
+            from unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::timestamptz[], $6::text[], $7::text[],
+                        $8::jsonb[]) as x(item_id, id, kind, evidence_id, at, at_text, event, extra)
+            join item i on i.id = x.item_id
             returning id, agency_id, type
          ), d as (
             insert into callback_delivery (id, event_id, endpoint_id, status)
@@ -122,7 +125,7 @@ pub async fn enqueue(conn: &mut PgConnection, item_id: Uuid, records: &[(Uuid, &
          insert into outbox (exchange, routing_key, message_id, payload)
          select $9, $10, d.id, jsonb_build_object('type', 'callback', 'version', 1, 'delivery_id', d.id) from d",
     )
-    .bind(item_id)
+    .bind(&items)
     .bind(&ids)
     .bind(&kinds)
     .bind(&evidence_ids)

@@ -62,6 +62,8 @@ pub struct RelaySettings {
 pub struct WorkerSettings {
     pub prefetch: u16,
     pub concurrency: usize,
+    /// Deliveries of one queue recorded together, at most.
+    pub batch_size: usize,
     pub channels: Vec<String>,
 }
 

@@ -121,6 +121,25 @@ pub struct Appended {
     pub event: Event,
     pub at: DateTime<Utc>,
     pub sha256: String,
+    /// The record's canonical bytes, as stored.
+    #[serde(skip)]
+    pub canonical: Vec<u8>,
+}
+
+impl Appended {
+    /// The record as [`for_item`] would read it back, before the sequencer has indexed it.
+    pub fn stored(&self) -> StoredEvidence {
+        let record: Value = serde_json::from_slice(&self.canonical).unwrap_or(Value::Null);
+        StoredEvidence {
+            evidence_id: self.evidence_id,
+            log_index: None,
+            event: self.event.as_str(),
+            at: self.at,
+            channel: record["channel"].as_str().map(String::from),
+            sha256: self.sha256.clone(),
+            record,
+        }
+    }
 }
 
 /// PostgreSQL keeps microseconds; records carry the same time as the row.
@@ -151,59 +170,88 @@ pub async fn append(
     item: &ItemContext,
     events: Vec<NewEvidence>,
 ) -> sqlx::Result<Vec<Appended>> {
-    if events.is_empty() {
+    append_many(conn, &[(item, events)]).await
+}
+
+/// Appends records of several items in two statements (their callback events, then the
+/// records); the caller owns the transaction. Returns the records in the order given.
+pub async fn append_many(
+    conn: &mut PgConnection,
+    batch: &[(&ItemContext, Vec<NewEvidence>)],
+) -> sqlx::Result<Vec<Appended>> {
+    let n: usize = batch.iter().map(|(_, events)| events.len()).sum();
+    if n == 0 {
         return Ok(Vec::new());
     }
-    let evidence_ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
-    // The agency's callbacks for these events.
-    let records: Vec<(Uuid, &NewEvidence)> = evidence_ids.iter().copied().zip(events.iter()).collect();
-    crate::callbacks::enqueue(&mut *conn, item.item_id, &records).await?;
+    let mut items = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    for (item, events) in batch {
+        for _ in events {
+            items.push(item.item_id);
+            ids.push(Uuid::now_v7());
+        }
+    }
+    // The agencies' callbacks for these events.
+    let records: Vec<(Uuid, Uuid, &NewEvidence)> = batch
+        .iter()
+        .flat_map(|(_, events)| events.iter())
+        .zip(items.iter().zip(ids.iter()))
+        .map(|(e, (item, id))| (*item, *id, e))
+        .collect();
+    crate::callbacks::enqueue(&mut *conn, &records).await?;
 
-    let mut ids = Vec::with_capacity(events.len());
-    let mut names = Vec::with_capacity(events.len());
-    let mut times = Vec::with_capacity(events.len());
-    let mut channels = Vec::with_capacity(events.len());
-    let mut bodies = Vec::with_capacity(events.len());
-    let mut hashes = Vec::with_capacity(events.len());
-    let mut leaves = Vec::with_capacity(events.len());
-    let mut appended = Vec::with_capacity(events.len());
-    for (i, e) in events.iter().enumerate() {
-        let evidence_id = evidence_ids[i];
-        let at = truncate(e.at);
-        let record = Record {
-            version: RECORD_VERSION,
-            evidence_id,
-            event: e.event,
-            at: format_time(at),
-            item_id: item.item_id,
-            sender: serde_json::json!({ "agency": item.agency_code }),
-            recipient: serde_json::json!({ item.recipient_scheme.clone(): item.recipient_value }),
-            actor: &e.actor,
-            channel: &e.channel,
-            policy: serde_json::json!({ "id": item.policy_id, "version": item.policy_version }),
-            digests: &e.digests,
-            details: &e.details,
-        };
-        let bytes = canonical(&record);
-        let hash = Sha256::digest(&bytes).to_vec();
-        leaves.push(crate::merkle::leaf_hash(&bytes).to_vec());
-        appended.push(Appended { evidence_id, event: e.event, at, sha256: hex::encode(&hash) });
-        ids.push(evidence_id);
-        names.push(e.event.as_str());
-        times.push(at);
-        channels.push(e.channel.clone());
-        bodies.push(bytes);
-        hashes.push(hash);
+    let mut names = Vec::with_capacity(n);
+    let mut times = Vec::with_capacity(n);
+    let mut channels = Vec::with_capacity(n);
+    let mut bodies = Vec::with_capacity(n);
+    let mut hashes = Vec::with_capacity(n);
+    let mut leaves = Vec::with_capacity(n);
+    let mut appended = Vec::with_capacity(n);
+    let mut next = ids.iter();
+    for (item, events) in batch {
+        for e in events {
+            let evidence_id = *next.next().expect("one id per event");
+            let at = truncate(e.at);
+            let record = Record {
+                version: RECORD_VERSION,
+                evidence_id,
+                event: e.event,
+                at: format_time(at),
+                item_id: item.item_id,
+                sender: serde_json::json!({ "agency": item.agency_code }),
+                recipient: serde_json::json!({ item.recipient_scheme.clone(): item.recipient_value }),
+                actor: &e.actor,
+                channel: &e.channel,
+                policy: serde_json::json!({ "id": item.policy_id, "version": item.policy_version }),
+                digests: &e.digests,
+                details: &e.details,
+            };
+            let bytes = canonical(&record);
+            let hash = Sha256::digest(&bytes).to_vec();
+            leaves.push(crate::merkle::leaf_hash(&bytes).to_vec());
+            appended.push(Appended {
+                evidence_id,
+                event: e.event,
+                at,
+                sha256: hex::encode(&hash),
+                canonical: bytes.clone(),
+            });
+            names.push(e.event.as_str());
+            times.push(at);
+            channels.push(e.channel.clone());
+            bodies.push(bytes);
+            hashes.push(hash);
+        }
     }
     sqlx::query(
         "insert into evidence (evidence_id, item_id, event, at, channel, canonical, sha256, leaf_hash)
-         select e, $2, n, t, c, b, h, f
-         from unnest($1::uuid[], $3::text[], $4::timestamptz[], $5::text[], $6::bytea[], $7::bytea[], $8::bytea[])
-              with ordinality as x(e, n, t, c, b, h, f, o)
+         select e, i, n, t, c, b, h, f
+         from unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[], $6::bytea[], $7::bytea[],
+                     $8::bytea[]) with ordinality as x(e, i, n, t, c, b, h, f, o)
          order by o",
     )
     .bind(&ids)
-    .bind(item.item_id)
+    .bind(&items)
     .bind(&names)
     .bind(&times)
     .bind(&channels)
@@ -261,7 +309,7 @@ pub async fn append_for_recipient(
     .bind(crate::merkle::leaf_hash(&bytes).to_vec())
     .execute(&mut *conn)
     .await?;
-    Ok(Appended { evidence_id, event: e.event, at, sha256: hex::encode(&hash) })
+    Ok(Appended { evidence_id, event: e.event, at, sha256: hex::encode(&hash), canonical: bytes })
 }
 
 /// A recipient's own records (settings changes), oldest first.

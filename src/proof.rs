@@ -2,9 +2,9 @@
 //! alone and offline, what happened to an item. Format `dalil-proof-bundle/1`, described in
 //! `docs/proof-bundle.md`.
 
+use anyhow::Context as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use anyhow::Context as _;
 use chrono::{DateTime, FixedOffset, Utc};
 use ed25519_dalek::{Signature, Signer as _};
 use serde::{Deserialize, Serialize};
@@ -136,10 +136,11 @@ pub async fn build(pool: &PgPool, signer: &Signer, item_id: Uuid) -> anyhow::Res
     let mut records: Vec<(Uuid, Option<i64>, Vec<u8>)> = Vec::new();
     for _ in 0..5 {
         log::sequence(pool, true).await?;
-        records = sqlx::query_as("select evidence_id, log_index, canonical from evidence where item_id = $1 order by seq")
-            .bind(item_id)
-            .fetch_all(&mut *conn)
-            .await?;
+        records =
+            sqlx::query_as("select evidence_id, log_index, canonical from evidence where item_id = $1 order by seq")
+                .bind(item_id)
+                .fetch_all(&mut *conn)
+                .await?;
         if records.iter().all(|r| r.1.is_some()) {
             break;
         }

@@ -104,7 +104,7 @@ struct ItemState {
 async fn lock_item(tx: &mut Transaction<'_, Postgres>, item_id: Uuid) -> sqlx::Result<ItemState> {
     sqlx::query_as(
         "select i.served_at, i.served_rule, i.recalled_at, i.deemed_rule, e.first_opened_at as opened_at
-         from item i left join inbox_entry e on e.item_id = i.id where i.id = $1 for update of i",
+         from item i left join inbox_entry e on e.item_id = i.id where i.id = $1 for no key update of i",
     )
     .bind(item_id)
     .fetch_one(&mut **tx)

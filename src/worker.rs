@@ -5,12 +5,13 @@
 //! transaction. It returns an [`Outcome`]; [`run`] only acks, publishes retries and
 //! dead-letters according to it, always after the database commit.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::future::BoxFuture;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::channels::{self, Channel, ChannelError, Job};
+use crate::channels::{self, Channel, ChannelError, Job, Sent};
 use crate::config::Settings;
 use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence};
 use crate::queue::{self, Envelope, Topology, RETRY_EXCHANGE, RETRY_HEADER};
@@ -44,100 +45,191 @@ const RETRIES_HEADER: &str = "x-dalil-retries";
 /// Processes one message body for `channel`. Safe to call any number of times for the same
 /// message: the attempt's status and the channel's own unique constraint make it idempotent.
 pub async fn process(pool: &PgPool, channel: &dyn Channel, body: &[u8]) -> Outcome {
-    let envelope: Envelope = match serde_json::from_slice(body) {
-        Ok(e) => e,
-        Err(e) => return Outcome::Dead(format!("malformed message: {e}")),
-    };
-    let Envelope::Deliver { attempt_id, trace_id, .. } = envelope else {
-        return Outcome::Dead(format!("not a delivery for the {} channel: {envelope:?}", channel.name()));
-    };
-    let span = tracing::info_span!("deliver", %attempt_id, %trace_id, channel = channel.name());
-    async move { process_logged(pool, channel, attempt_id).await }.instrument(span).await
+    process_batch(pool, channel, &[body]).await.pop().expect("one outcome per message")
 }
 
-async fn process_logged(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid) -> Outcome {
-    match process_attempt(pool, channel, attempt_id).await {
-        Ok(outcome) => outcome,
-        Err(ChannelError::Transient(why)) => Outcome::Retry(why),
-        Err(ChannelError::Permanent(why)) => match record_failure(pool, channel, attempt_id, &why).await {
-            Ok(()) => Outcome::Done,
-            Err(e) => Outcome::Retry(format!("recording failure: {e}")),
-        },
+/// Processes several message bodies of `channel`'s queue together: their jobs are loaded in
+/// one query, sent concurrently, and recorded in one transaction (see [`record_delivered`]).
+/// One outcome per body, in order; each is what [`process`] would give for it alone.
+pub async fn process_batch(pool: &PgPool, channel: &dyn Channel, bodies: &[&[u8]]) -> Vec<Outcome> {
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; bodies.len()];
+    let mut wanted: Vec<(usize, Uuid, Uuid)> = Vec::with_capacity(bodies.len());
+    for (i, body) in bodies.iter().enumerate() {
+        match serde_json::from_slice::<Envelope>(body) {
+            Ok(Envelope::Deliver { attempt_id, .. }) if wanted.iter().any(|w| w.1 == attempt_id) => {
+                // Two copies of one message in one batch (a redelivery): the first one does
+                // the work, and its outcome (a retry included) carries on for both.
+                tracing::info!(%attempt_id, "a second copy of a delivery in the same batch; skipped");
+                outcomes[i] = Some(Outcome::Done);
+            }
+            Ok(Envelope::Deliver { attempt_id, trace_id, .. }) => wanted.push((i, attempt_id, trace_id)),
+            Ok(other) => {
+                outcomes[i] =
+                    Some(Outcome::Dead(format!("not a delivery for the {} channel: {other:?}", channel.name())))
+            }
+            Err(e) => outcomes[i] = Some(Outcome::Dead(format!("malformed message: {e}"))),
+        }
     }
+    let ids: Vec<Uuid> = wanted.iter().map(|w| w.1).collect();
+    let mut jobs = match load_jobs(pool, &ids).await {
+        Ok(jobs) => jobs,
+        Err(e) => {
+            for (i, _, _) in &wanted {
+                outcomes[*i] = Some(Outcome::Retry(format!("database: {e}")));
+            }
+            return outcomes.into_iter().map(|o| o.expect("decided")).collect();
+        }
+    };
+    // Send every job that is still to do, concurrently.
+    let mut sends = Vec::with_capacity(wanted.len());
+    for (i, attempt_id, trace_id) in &wanted {
+        let span = tracing::info_span!("deliver", %attempt_id, %trace_id, channel = channel.name());
+        match jobs.remove(attempt_id) {
+            None => outcomes[*i] = Some(Outcome::Dead(format!("no attempt {attempt_id}"))),
+            Some((_, status)) if status != "queued" => {
+                span.in_scope(|| tracing::info!(status, "attempt already finished; redelivery skipped"));
+                outcomes[*i] = Some(Outcome::Done);
+            }
+            Some((job, _)) => sends.push(
+                async move {
+                    let sent = channel.send(&job).await;
+                    (*i, job, sent)
+                }
+                .instrument(span),
+            ),
+        }
+    }
+    let mut delivered: Vec<(usize, Job, Sent)> = Vec::with_capacity(sends.len());
+    for (i, job, sent) in futures_util::future::join_all(sends).await {
+        match sent {
+            Ok(sent) => delivered.push((i, job, sent)),
+            Err(ChannelError::Transient(why)) => outcomes[i] = Some(Outcome::Retry(why)),
+            Err(ChannelError::Permanent(why)) => {
+                outcomes[i] = Some(match record_failure(pool, channel, job.attempt_id, &why).await {
+                    Ok(()) => Outcome::Done,
+                    Err(e) => Outcome::Retry(format!("recording failure: {e}")),
+                })
+            }
+        }
+    }
+    if !delivered.is_empty() {
+        let all: Vec<(&Job, &Sent)> = delivered.iter().map(|(_, j, s)| (j, s)).collect();
+        match record_delivered(pool, channel, &all).await {
+            Ok(()) => {
+                for (i, _, _) in &delivered {
+                    outcomes[*i] = Some(Outcome::Done);
+                }
+            }
+            Err(e) if delivered.len() > 1 => {
+                // One bad job must not hold back the others: record each alone (what was sent
+                // is not sent again).
+                tracing::warn!(error = %e, jobs = delivered.len(), "worker: batch not recorded, recording one by one");
+                for (i, job, sent) in &delivered {
+                    outcomes[*i] = Some(match record_delivered(pool, channel, &[(job, sent)]).await {
+                        Ok(()) => Outcome::Done,
+                        Err(ChannelError::Transient(why)) => Outcome::Retry(why),
+                        Err(ChannelError::Permanent(why)) => Outcome::Dead(why),
+                    });
+                }
+            }
+            Err(ChannelError::Transient(why)) => outcomes[delivered[0].0] = Some(Outcome::Retry(why)),
+            Err(ChannelError::Permanent(why)) => outcomes[delivered[0].0] = Some(Outcome::Dead(why)),
+        }
+    }
+    outcomes.into_iter().map(|o| o.expect("every message has an outcome")).collect()
+}
+
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    attempt_id: Uuid,
+    step_id: Uuid,
+    recipient_id: Uuid,
+    status: String,
+    #[sqlx(flatten)]
+    item: ItemContext,
+}
+
+const JOB_QUERY: &str = "select a.id as attempt_id, a.step_id, i.recipient_id, a.status,
+        i.id as item_id, ag.code as agency_code,
+        case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
+        coalesce(r.pinfl, r.tin) as recipient_value, i.policy_id, i.policy_version
+     from attempt a join item i on i.id = a.item_id join agency ag on ag.id = i.agency_id
+     join recipient r on r.id = i.recipient_id
+     where a.id = any($1)";
+
+/// The jobs of these attempts and their statuses, in one query.
+async fn load_jobs(pool: &PgPool, attempt_ids: &[Uuid]) -> sqlx::Result<HashMap<Uuid, (Job, String)>> {
+    let rows: Vec<JobRow> = sqlx::query_as(JOB_QUERY).bind(attempt_ids).fetch_all(pool).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let job = Job { attempt_id: r.attempt_id, step_id: r.step_id, recipient_id: r.recipient_id, item: r.item };
+            (r.attempt_id, (job, r.status))
+        })
+        .collect())
 }
 
 async fn load_job(conn: &mut sqlx::PgConnection, attempt_id: Uuid) -> Result<Option<(Job, String)>, sqlx::Error> {
-    let row: Option<(Uuid, Uuid, Uuid, String)> = sqlx::query_as(
-        "select a.step_id, a.item_id, i.recipient_id, a.status from attempt a join item i on i.id = a.item_id where a.id = $1",
-    )
-    .bind(attempt_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some((step_id, item_id, recipient_id, status)) = row else { return Ok(None) };
-    let item = ItemContext::load(conn, item_id).await?;
-    Ok(Some((Job { attempt_id, step_id, recipient_id, item }, status)))
+    let row: Option<JobRow> = sqlx::query_as(JOB_QUERY).bind([attempt_id]).fetch_optional(conn).await?;
+    Ok(row.map(|r| {
+        (Job { attempt_id: r.attempt_id, step_id: r.step_id, recipient_id: r.recipient_id, item: r.item }, r.status)
+    }))
 }
 
-async fn process_attempt(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid) -> Result<Outcome, ChannelError> {
-    let mut conn = pool.acquire().await?;
-    let Some((job, status)) = load_job(&mut conn, attempt_id).await? else {
-        return Ok(Outcome::Dead(format!("no attempt {attempt_id}")));
-    };
-    drop(conn);
-    if status != "queued" {
-        tracing::info!(status, "attempt already finished; redelivery skipped");
-        return Ok(Outcome::Done);
-    }
-    let sent = channel.send(&job).await?;
-
+/// Records what the channel did for these jobs, in one transaction and about ten statements
+/// whatever their number: the channel's rows, the attempts and steps done, the items
+/// consigned, their deemed-service timers and the evidence. A job whose attempt was finished
+/// meanwhile (a redelivered copy won) is left as it is.
+async fn record_delivered(pool: &PgPool, channel: &dyn Channel, batch: &[(&Job, &Sent)]) -> Result<(), ChannelError> {
     let mut tx = pool.begin().await?;
-    // Lock order everywhere: the item row (a recall holds it), then the attempt (two copies of
-    // one message racing each other finish once), then the evidence log head.
-    sqlx::query("select 1 from item where id = $1 for update").bind(job.item.item_id).execute(&mut *tx).await?;
-    let status: String = sqlx::query_scalar("select status from attempt where id = $1 for update")
-        .bind(attempt_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    if status != "queued" {
-        return Ok(Outcome::Done);
-    }
-    let fresh = channel.record(&mut tx, &job, &sent).await?;
-    sqlx::query(
-        "update attempt set status = 'done', tries = tries + 1, finished_at = now(), provider_ref = $2, segments = $3
-         where id = $1",
-    )
-    .bind(attempt_id)
-    .bind(&sent.provider_ref)
-    .bind(sent.segments)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("update step set status = 'done', updated_at = now() where id = $1")
-        .bind(job.step_id)
+    // Lock order everywhere: the item rows (a recall holds one), then the attempts (two copies
+    // of one message racing each other finish once). Sorted, so batches never deadlock.
+    let mut items: Vec<Uuid> = batch.iter().map(|(j, _)| j.item.item_id).collect();
+    items.sort();
+    items.dedup();
+    sqlx::query("select 1 from item where id = any($1) order by id for no key update")
+        .bind(&items)
         .execute(&mut *tx)
         .await?;
-    if let (true, Some(event)) = (fresh, sent.event) {
+    let mut attempts: Vec<Uuid> = batch.iter().map(|(j, _)| j.attempt_id).collect();
+    attempts.sort();
+    let queued: Vec<Uuid> =
+        sqlx::query_scalar("select id from attempt where id = any($1) and status = 'queued' order by id for update")
+            .bind(&attempts)
+            .fetch_all(&mut *tx)
+            .await?;
+    let todo: Vec<(&Job, &Sent)> = batch.iter().copied().filter(|(j, _)| queued.contains(&j.attempt_id)).collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let fresh = channel.record_many(&mut tx, &todo).await?;
+    let ids: Vec<Uuid> = todo.iter().map(|(j, _)| j.attempt_id).collect();
+    let refs: Vec<Option<&str>> = todo.iter().map(|(_, s)| s.provider_ref.as_deref()).collect();
+    let segments: Vec<Option<i32>> = todo.iter().map(|(_, s)| s.segments).collect();
+    sqlx::query(
+        "update attempt a set status = 'done', tries = tries + 1, finished_at = now(), provider_ref = x.p, segments = x.s
+         from unnest($1::uuid[], $2::text[], $3::int[]) as x(id, p, s) where a.id = x.id",
+    )
+    .bind(&ids)
+    .bind(&refs)
+    .bind(&segments)
+    .execute(&mut *tx)
+    .await?;
+    let steps: Vec<Uuid> = todo.iter().map(|(j, _)| j.step_id).collect();
+    sqlx::query("update step set status = 'done', updated_at = now() where id = any($1)")
+        .bind(&steps)
+        .execute(&mut *tx)
+        .await?;
+    let mut consigned: Vec<Uuid> = Vec::new();
+    let mut records: Vec<(&ItemContext, Vec<NewEvidence>)> = Vec::new();
+    for ((job, sent), fresh) in todo.iter().zip(&fresh) {
+        let (true, Some(event)) = (*fresh, sent.event) else { continue };
         if event == Event::ContentConsignment {
-            sqlx::query(
-                "update item set status = 'consigned', updated_at = now() where id = $1 and status = 'accepted'",
-            )
-            .bind(job.item.item_id)
-            .execute(&mut *tx)
-            .await?;
-            // A confirmed deposit starts the deemed-service clock, where the policy has one.
-            sqlx::query(
-                "insert into timer (id, kind, item_id, due_at)
-                 select $1, 'deemed', id, now() + deemed_after from item where id = $2 and deemed_after is not null
-                 on conflict do nothing",
-            )
-            .bind(Uuid::now_v7())
-            .bind(job.item.item_id)
-            .execute(&mut *tx)
-            .await?;
+            consigned.push(job.item.item_id);
         }
         let mut details = sent.details.clone();
-        details["attempt_id"] = serde_json::json!(attempt_id);
-        evidence::append(
-            &mut tx,
+        details["attempt_id"] = serde_json::json!(job.attempt_id);
+        records.push((
             &job.item,
             vec![NewEvidence {
                 event,
@@ -147,12 +239,32 @@ async fn process_attempt(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid)
                 details,
                 digests: None,
             }],
+        ));
+    }
+    if !consigned.is_empty() {
+        sqlx::query(
+            "update item set status = 'consigned', updated_at = now() where id = any($1) and status = 'accepted'",
         )
+        .bind(&consigned)
+        .execute(&mut *tx)
+        .await?;
+        // A confirmed deposit starts the deemed-service clock, where the policy has one.
+        sqlx::query(
+            "insert into timer (id, kind, item_id, due_at)
+             select gen_random_uuid(), 'deemed', id, now() + deemed_after from item
+             where id = any($1) and deemed_after is not null
+             on conflict do nothing",
+        )
+        .bind(&consigned)
+        .execute(&mut *tx)
         .await?;
     }
+    evidence::append_many(&mut tx, &records).await?;
     tx.commit().await?;
-    tracing::info!(item_id = %job.item.item_id, event = ?sent.event, fresh, "delivered");
-    Ok(Outcome::Done)
+    for ((job, sent), fresh) in todo.iter().zip(&fresh) {
+        tracing::debug!(item_id = %job.item.item_id, attempt_id = %job.attempt_id, event = ?sent.event, fresh, "delivered");
+    }
+    Ok(())
 }
 
 /// After the last retry: the attempt fails permanently, with evidence.
@@ -170,7 +282,7 @@ async fn give_up(pool: &PgPool, channel: &dyn Channel, body: &[u8], why: &str) -
 async fn record_failure(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid, why: &str) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     let Some((job, _)) = load_job(&mut tx, attempt_id).await? else { return Ok(()) };
-    sqlx::query("select 1 from item where id = $1 for update").bind(job.item.item_id).execute(&mut *tx).await?;
+    sqlx::query("select 1 from item where id = $1 for no key update").bind(job.item.item_id).execute(&mut *tx).await?;
     let status: String = sqlx::query_scalar("select status from attempt where id = $1 for update")
         .bind(attempt_id)
         .fetch_one(&mut *tx)
@@ -223,6 +335,12 @@ trait Handler: Send + Sync {
     fn process<'a>(&'a self, body: &'a [u8], retries: u32) -> BoxFuture<'a, Outcome>;
     /// After the last retry: record the failure for good.
     fn give_up<'a>(&'a self, body: &'a [u8], why: &'a str) -> BoxFuture<'a, Outcome>;
+    /// Several messages at once, one outcome each, in order. By default one at a time.
+    fn process_batch<'a>(&'a self, messages: &'a [(&'a [u8], u32)]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            futures_util::future::join_all(messages.iter().map(|(body, retries)| self.process(body, *retries))).await
+        })
+    }
 }
 
 struct ChannelHandler {
@@ -241,6 +359,13 @@ impl Handler for ChannelHandler {
 
     fn give_up<'a>(&'a self, body: &'a [u8], why: &'a str) -> BoxFuture<'a, Outcome> {
         Box::pin(give_up(&self.pool, self.channel.as_ref(), body, why))
+    }
+
+    fn process_batch<'a>(&'a self, messages: &'a [(&'a [u8], u32)]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            let bodies: Vec<&[u8]> = messages.iter().map(|(b, _)| *b).collect();
+            process_batch(&self.pool, self.channel.as_ref(), &bodies).await
+        })
     }
 }
 
@@ -338,33 +463,61 @@ async fn consume(
     *connected = true;
     let limit = Arc::new(Semaphore::new(settings.worker.concurrency));
     let ladder = topology.retry_ladder();
+    let batch_size = settings.worker.batch_size.max(1);
     let result = loop {
+        // A free slot first: while every slot is busy, deliveries pile up and make the next
+        // batch bigger. Under light load a batch is the one delivery that came.
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break Ok(()),
+            p = limit.clone().acquire_owned() => p?,
+        };
         let delivery = tokio::select! {
             _ = cancel.cancelled() => break Ok(()),
             d = consumer.next() => d,
         };
-        let delivery = match delivery {
-            Some(Ok(d)) => d,
+        let mut batch = match delivery {
+            Some(Ok(d)) => vec![d],
             Some(Err(e)) => break Err(anyhow::Error::from(e)),
             None => break Err(anyhow::anyhow!("consumer closed by the broker")),
         };
-        let permit = limit.clone().acquire_owned().await?;
+        let mut ended = None;
+        while batch.len() < batch_size {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                Some(Some(Err(e))) => {
+                    ended = Some(anyhow::Error::from(e));
+                    break;
+                }
+                Some(None) => {
+                    ended = Some(anyhow::anyhow!("consumer closed by the broker"));
+                    break;
+                }
+                None => break,
+            }
+        }
         let (handler, amqp, ladder) = (handler.clone(), amqp.clone(), ladder.clone());
         let topology = topology.clone();
         tokio::spawn(async move {
-            let mut outcome = handler.process(&delivery.data, retries_of(&delivery)).await;
-            if let Outcome::Retry(why) = &outcome {
-                if retries_of(&delivery) as usize >= ladder.len() {
-                    // The last delay passed: the work fails for good, recorded.
-                    outcome = handler.give_up(&delivery.data, why).await;
+            let messages: Vec<(&[u8], u32)> = batch.iter().map(|d| (d.data.as_slice(), retries_of(d))).collect();
+            let outcomes = handler.process_batch(&messages).await;
+            drop(messages);
+            for (delivery, mut outcome) in batch.into_iter().zip(outcomes) {
+                if let Outcome::Retry(why) = &outcome {
+                    if retries_of(&delivery) as usize >= ladder.len() {
+                        // The last delay passed: the work fails for good, recorded.
+                        outcome = handler.give_up(&delivery.data, why).await;
+                    }
                 }
-            }
-            if let Err(e) = settle(&amqp, &topology, &ladder, delivery, outcome).await {
-                // The broker redelivers what was not acked; processing is idempotent.
-                tracing::warn!(error = format!("{e:#}"), "worker: could not settle a delivery");
+                if let Err(e) = settle(&amqp, &topology, &ladder, delivery, outcome).await {
+                    // The broker redelivers what was not acked; processing is idempotent.
+                    tracing::warn!(error = format!("{e:#}"), "worker: could not settle a delivery");
+                }
             }
             drop(permit);
         });
+        if let Some(e) = ended {
+            break Err(e);
+        }
     };
     // Drain: wait until every delivery in flight has been settled before closing, so nothing
     // is acked early or abandoned half-way.

@@ -22,7 +22,6 @@ use super::auth::Agency;
 use super::{ApiError, ApiResult, AppState, JsonBody};
 use crate::domain::{Kind, Language, RecipientId};
 use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence, StoredEvidence};
-use crate::outbox;
 use crate::policy::ServiceRule;
 use crate::queue::{Envelope, DELIVERY_EXCHANGE};
 use crate::templates::{self, RenderError};
@@ -222,13 +221,17 @@ pub async fn submit(
     }
     let p = prepare(body.value)?;
 
+    let item_id = Uuid::now_v7();
     let mut tx = state.pool.begin().await?;
+    // The key is claimed for this item first; the item itself commits with it, or neither does.
     let claimed = sqlx::query(
-        "insert into idempotency (agency_id, key, request_sha256) values ($1, $2, $3) on conflict do nothing",
+        "insert into idempotency (agency_id, key, request_sha256, item_id) values ($1, $2, $3, $4)
+         on conflict do nothing",
     )
     .bind(agency.id)
     .bind(&key)
     .bind(&request_sha256)
+    .bind(item_id)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -258,7 +261,6 @@ pub async fn submit(
     };
 
     let policy = state.policies.for_kind(p.kind);
-    let item_id = Uuid::now_v7();
     let ctx = templates::Context {
         agency: templates::AgencyCtx { name: agency.name.clone(), code: agency.code.clone() },
         recipient: templates::RecipientCtx { name: recipient_name },
@@ -366,69 +368,48 @@ pub async fn submit(
         .execute(&mut *tx)
         .await?;
     }
-    for n in &notices {
+    if !notices.is_empty() {
         sqlx::query(
             "insert into notice (item_id, channel, address, subject, body_text, body_html, encoding, segments)
-             values ($1, $2, $3, $4, $5, $6, $7, $8)",
+             select $1, * from unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int[])",
         )
         .bind(item_id)
-        .bind(n.channel)
-        .bind(&n.address)
-        .bind(&n.subject)
-        .bind(&n.text)
-        .bind(&n.html)
-        .bind(&n.encoding)
-        .bind(n.segments)
+        .bind(notices.iter().map(|n| n.channel).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.address.as_str()).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.subject.as_deref()).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.text.as_str()).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.html.as_deref()).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.encoding.as_deref()).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.segments).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
     }
     let trace_id = Uuid::new_v4();
     let mut plan = Vec::new();
+    let mut steps = StepRows::default();
+    let mut started: Vec<(Uuid, &str)> = Vec::new();
     for (seq, step) in policy.steps_for(digital_consent) {
         if matches!(step.channel.as_str(), "sms" | "email") && !notices.iter().any(|n| n.channel == step.channel) {
             continue; // skipped above, with the reason in the evidence
         }
         let step_id = Uuid::now_v7();
         let due_at = step.after.map(|a| now + a.0);
-        sqlx::query(
-            "insert into step (id, item_id, seq, channel, status, due_at, unless_condition)
-             values ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(step_id)
-        .bind(item_id)
-        .bind(seq as i32)
-        .bind(&step.channel)
-        .bind(if due_at.is_some() { "scheduled" } else { "queued" })
-        .bind(due_at)
-        .bind(step.unless.map(|u| u.as_str()))
-        .execute(&mut *tx)
-        .await?;
+        steps.push(step_id, seq as i32, &step.channel, due_at, step.unless.map(|u| u.as_str()));
         let mut planned = serde_json::json!({ "channel": step.channel });
         if let Some(due_at) = due_at {
-            // A timed step waits for the scheduler.
-            sqlx::query("insert into timer (id, kind, item_id, step_id, due_at) values ($1, 'escalate', $2, $3, $4)")
-                .bind(Uuid::now_v7())
-                .bind(item_id)
-                .bind(step_id)
-                .bind(due_at)
-                .execute(&mut *tx)
-                .await?;
+            // A timed step waits for the scheduler (its timer is written with the step).
             planned["after"] = step.after.map(|a| a.text()).into();
             planned["due_at"] = evidence::format_time(due_at).into();
             if let Some(u) = step.unless {
                 planned["unless"] = u.as_str().into();
             }
         } else {
-            start_step(&mut tx, item_id, step_id, &step.channel, trace_id).await?;
+            started.push((step_id, step.channel.as_str()));
         }
         plan.push(planned);
     }
-    sqlx::query("update idempotency set item_id = $3 where agency_id = $1 and key = $2")
-        .bind(agency.id)
-        .bind(&key)
-        .bind(item_id)
-        .execute(&mut *tx)
-        .await?;
+    steps.insert(&mut tx, item_id).await?;
+    start_steps(&mut tx, item_id, &started, trace_id).await?;
 
     let item_ctx = ItemContext {
         item_id,
@@ -462,8 +443,7 @@ pub async fn submit(
     if !skipped.is_empty() {
         details["notices_skipped"] = Value::Object(skipped);
     }
-    // Last statement before commit: the log head's lock is held for as short as possible.
-    evidence::append(
+    let appended = evidence::append(
         &mut tx,
         &item_ctx,
         vec![NewEvidence {
@@ -482,11 +462,72 @@ pub async fn submit(
     )
     .await?;
     tx.commit().await?;
+    crate::outbox::wake();
     tracing::info!(%item_id, %trace_id, agency = agency.code, kind = p.kind.as_str(), "accepted");
+    // The same answer a replay of this request gets, from what is in hand.
+    let body = SubmitResponse {
+        id: item_id,
+        status: "accepted".into(),
+        reference: p.reference,
+        respond_by_warning,
+        evidence: appended[0].stored(),
+    };
+    Ok(accepted(body))
+}
 
-    replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256)
-        .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("item {item_id} vanished after commit")))
+/// The rows of an item's steps, written in one statement with the timers of the timed ones.
+#[derive(Default)]
+struct StepRows<'a> {
+    ids: Vec<Uuid>,
+    seqs: Vec<i32>,
+    channels: Vec<&'a str>,
+    due: Vec<Option<DateTime<Utc>>>,
+    unless: Vec<Option<&'static str>>,
+}
+
+impl<'a> StepRows<'a> {
+    fn push(&mut self, id: Uuid, seq: i32, channel: &'a str, due: Option<DateTime<Utc>>, unless: Option<&'static str>) {
+        self.ids.push(id);
+        self.seqs.push(seq);
+        self.channels.push(channel);
+        self.due.push(due);
+        self.unless.push(unless);
+    }
+
+    async fn insert(&self, conn: &mut PgConnection, item_id: Uuid) -> sqlx::Result<()> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "with s as (
+                insert into step (id, item_id, seq, channel, status, due_at, unless_condition)
+                select id, $1, seq, channel, case when due_at is null then 'queued' else 'scheduled' end, due_at, u
+                from unnest($2::uuid[], $3::int[], $4::text[], $5::timestamptz[], $6::text[])
+                     as x(id, seq, channel, due_at, u)
+                returning id, due_at
+             )
+             insert into timer (id, kind, item_id, step_id, due_at)
+             select gen_random_uuid(), 'escalate', $1, id, due_at from s where due_at is not null",
+        )
+        .bind(item_id)
+        .bind(&self.ids)
+        .bind(&self.seqs)
+        .bind(&self.channels)
+        .bind(&self.due)
+        .bind(&self.unless)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+fn accepted(body: SubmitResponse) -> Response {
+    let item_id = body.id;
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/correspondence/{item_id}")) {
+        response.headers_mut().insert(axum::http::header::LOCATION, v);
+    }
+    response
 }
 
 /// Starts a step now: its first attempt, and the message that makes a worker take it.
@@ -497,17 +538,53 @@ pub async fn start_step(
     channel: &str,
     trace_id: Uuid,
 ) -> sqlx::Result<Uuid> {
-    let attempt_id = Uuid::now_v7();
-    sqlx::query("insert into attempt (id, step_id, item_id, channel, status) values ($1, $2, $3, $4, 'queued')")
-        .bind(attempt_id)
-        .bind(step_id)
-        .bind(item_id)
-        .bind(channel)
-        .execute(&mut *conn)
-        .await?;
-    let envelope = Envelope::Deliver { version: 1, item_id, step_id, attempt_id, trace_id };
-    outbox::enqueue(conn, DELIVERY_EXCHANGE, channel, attempt_id, &envelope).await?;
-    Ok(attempt_id)
+    Ok(start_steps(conn, item_id, &[(step_id, channel)], trace_id).await?[0])
+}
+
+/// Starts steps of one item now, in one statement: their first attempts, and the messages
+/// (through the outbox) that make workers take them. Returns the attempt ids.
+pub async fn start_steps(
+    conn: &mut PgConnection,
+    item_id: Uuid,
+    steps: &[(Uuid, &str)],
+    trace_id: Uuid,
+) -> sqlx::Result<Vec<Uuid>> {
+    if steps.is_empty() {
+        return Ok(Vec::new());
+    }
+    let attempt_ids: Vec<Uuid> = steps.iter().map(|_| Uuid::now_v7()).collect();
+    let (step_ids, channels): (Vec<Uuid>, Vec<&str>) = steps.iter().copied().unzip();
+    let payloads: Vec<sqlx::types::Json<Envelope>> = steps
+        .iter()
+        .zip(&attempt_ids)
+        .map(|((step_id, _), attempt_id)| {
+            sqlx::types::Json(Envelope::Deliver {
+                version: 1,
+                item_id,
+                step_id: *step_id,
+                attempt_id: *attempt_id,
+                trace_id,
+            })
+        })
+        .collect();
+    sqlx::query(
+        "with a as (
+            insert into attempt (id, step_id, item_id, channel, status)
+            select id, step_id, $1, channel, 'queued'
+            from unnest($2::uuid[], $3::uuid[], $4::text[]) as x(id, step_id, channel)
+         )
+         insert into outbox (exchange, routing_key, message_id, payload)
+         select $5, channel, id, payload from unnest($2::uuid[], $4::text[], $6::jsonb[]) as y(id, channel, payload)",
+    )
+    .bind(item_id)
+    .bind(&attempt_ids)
+    .bind(&step_ids)
+    .bind(&channels)
+    .bind(DELIVERY_EXCHANGE)
+    .bind(&payloads)
+    .execute(&mut *conn)
+    .await?;
+    Ok(attempt_ids)
 }
 
 /// The answer to a request whose key was seen: the first answer for the same body, a conflict
@@ -542,12 +619,7 @@ async fn replay(
         .into_iter()
         .find(|e| e.event == "SubmissionAcceptance")
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("item {item_id} has no SubmissionAcceptance")))?;
-    let body = SubmitResponse { id: item_id, status, reference, respond_by_warning, evidence };
-    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/v1/correspondence/{item_id}")) {
-        response.headers_mut().insert(axum::http::header::LOCATION, v);
-    }
-    Ok(Some(response))
+    Ok(Some(accepted(SubmitResponse { id: item_id, status, reference, respond_by_warning, evidence })))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -986,12 +1058,12 @@ pub async fn recall(
         }
     }
     let mut tx = state.pool.begin().await?;
-    // Lock order everywhere: item row, then attempts and letter, then the evidence log head.
+    // Lock order everywhere: item row, then attempts and letter.
     #[allow(clippy::type_complexity)]
     let row: Option<(Option<DateTime<Utc>>, Option<String>, Option<DateTime<Utc>>, Option<String>, String)> =
         sqlx::query_as(
             "select served_at, served_rule, recalled_at, recall_reason, status from item
-             where id = $1 and agency_id = $2 for update",
+             where id = $1 and agency_id = $2 for no key update",
         )
         .bind(id)
         .bind(agency.id)

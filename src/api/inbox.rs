@@ -116,9 +116,9 @@ pub async fn list(State(state): State<AppState>, citizen: Citizen) -> ApiResult<
 /// Locks the citizen's entry (and its item) for the rest of the transaction, or 404.
 async fn lock_entry(tx: &mut PgConnection, citizen: &Citizen, id: &str) -> ApiResult<EntryRow> {
     let id = Uuid::parse_str(id).map_err(|_| ApiError::NotFound)?;
-    // Lock order everywhere: item row, then the evidence log head.
+    // Lock order everywhere: item row first.
     let row: Option<EntryRow> =
-        sqlx::query_as(&format!("{ENTRY_SELECT} where e.item_id = $1 and r.pinfl = $2 for update of e, i"))
+        sqlx::query_as(&format!("{ENTRY_SELECT} where e.item_id = $1 and r.pinfl = $2 for no key update of e, i"))
             .bind(id)
             .bind(citizen.pinfl.as_str())
             .fetch_optional(&mut *tx)

@@ -107,7 +107,7 @@ pub async fn claim(
         "update letter set status = 'claimed', batch_id = $2, claimed_at = now(), updated_at = now()
          where item_id in (select l.item_id from letter l join item i on i.id = l.item_id
                            where l.operator_id = $1 and l.status = 'ready'
-                           order by l.created_at limit $3 for update of i, l skip locked)
+                           order by l.created_at limit $3 for no key update of i, l skip locked)
          returning item_id, pdf_sha256",
     )
     .bind(op.id)
@@ -235,8 +235,8 @@ async fn apply(state: &AppState, op: &Operator, item_id: &str, ev: &PostalEvent)
         }
     }
     let mut tx = state.pool.begin().await?;
-    // Lock order: item row, then the letter, then the log head.
-    sqlx::query("select 1 from item where id = $1 for update").bind(item_id).execute(&mut *tx).await?;
+    // Lock order: item row, then the letter.
+    sqlx::query("select 1 from item where id = $1 for no key update").bind(item_id).execute(&mut *tx).await?;
     let letter: Option<(String, Uuid, String)> =
         sqlx::query_as("select status, operator_id, pdf_sha256 from letter where item_id = $1 for update")
             .bind(item_id)

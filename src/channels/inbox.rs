@@ -3,6 +3,7 @@
 
 use futures_util::future::BoxFuture;
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use super::{Channel, ChannelError, Job, Sent};
 use crate::evidence::Event;
@@ -36,6 +37,29 @@ impl Channel for Inbox {
             .await?
             .rows_affected();
             Ok(inserted == 1)
+        })
+    }
+
+    fn record_many<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        jobs: &'a [(&'a Job, &'a Sent)],
+    ) -> BoxFuture<'a, Result<Vec<bool>, ChannelError>> {
+        Box::pin(async move {
+            let items: Vec<Uuid> = jobs.iter().map(|(j, _)| j.item.item_id).collect();
+            let recipients: Vec<Uuid> = jobs.iter().map(|(j, _)| j.recipient_id).collect();
+            let attempts: Vec<Uuid> = jobs.iter().map(|(j, _)| j.attempt_id).collect();
+            let deposited: Vec<Uuid> = sqlx::query_scalar(
+                "insert into inbox_entry (item_id, recipient_id, attempt_id, deposited_at)
+                 select i, r, a, now() from unnest($1::uuid[], $2::uuid[], $3::uuid[]) as x(i, r, a)
+                 on conflict (item_id) do nothing returning attempt_id",
+            )
+            .bind(&items)
+            .bind(&recipients)
+            .bind(&attempts)
+            .fetch_all(&mut *conn)
+            .await?;
+            Ok(attempts.iter().map(|a| deposited.contains(a)).collect())
         })
     }
 

@@ -75,6 +75,22 @@ pub trait Channel: Send + Sync {
     ) -> BoxFuture<'a, Result<bool, ChannelError>>;
 
     /// The event that records this channel's permanent failure.
+    /// Records several sent jobs in the caller's transaction; one `fresh` flag per job, in
+    /// order. Channels whose record is a single insert do it in one statement.
+    fn record_many<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        jobs: &'a [(&'a Job, &'a Sent)],
+    ) -> BoxFuture<'a, Result<Vec<bool>, ChannelError>> {
+        Box::pin(async move {
+            let mut fresh = Vec::with_capacity(jobs.len());
+            for (job, sent) in jobs {
+                fresh.push(self.record(&mut *conn, job, sent).await?);
+            }
+            Ok(fresh)
+        })
+    }
+
     fn failure_event(&self) -> Event {
         Event::ConsignmentNotificationFailure
     }

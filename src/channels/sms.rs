@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use super::{Channel, ChannelError, Job, Sent};
 use crate::config::Settings;
@@ -158,6 +159,32 @@ impl Channel for Sms {
             .await?
             .rows_affected();
             Ok(inserted == 1)
+        })
+    }
+
+    fn record_many<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        jobs: &'a [(&'a Job, &'a Sent)],
+    ) -> BoxFuture<'a, Result<Vec<bool>, ChannelError>> {
+        Box::pin(async move {
+            let attempts: Vec<Uuid> = jobs.iter().map(|(j, _)| j.attempt_id).collect();
+            let items: Vec<Uuid> = jobs.iter().map(|(j, _)| j.item.item_id).collect();
+            let refs: Vec<&str> = jobs.iter().map(|(_, s)| s.provider_ref.as_deref().unwrap_or_default()).collect();
+            let segments: Vec<i32> = jobs.iter().map(|(_, s)| s.segments.unwrap_or(0)).collect();
+            let inserted: Vec<Uuid> = sqlx::query_scalar(
+                "insert into sms_message (attempt_id, item_id, provider, provider_id, segments)
+                 select a, i, $3, p, s from unnest($1::uuid[], $2::uuid[], $4::text[], $5::int[]) as x(a, i, p, s)
+                 on conflict do nothing returning attempt_id",
+            )
+            .bind(&attempts)
+            .bind(&items)
+            .bind(&self.provider)
+            .bind(&refs)
+            .bind(&segments)
+            .fetch_all(&mut *conn)
+            .await?;
+            Ok(attempts.iter().map(|a| inserted.contains(a)).collect())
         })
     }
 }

@@ -393,11 +393,12 @@ async fn the_sequencer_indexes_every_committed_record_once_densely_and_in_order(
     assert_eq!(app.count("select count(*) from evidence where log_index is null").await, 0, "not visible yet");
     slow.commit().await.unwrap();
     assert_eq!(dalil::log::sequence(&app.pool, true).await.unwrap(), 2);
-    let rows: Vec<(i64, i64, Value)> =
-        sqlx::query_as("select log_index, seq, convert_from(canonical, 'UTF8')::jsonb from evidence order by log_index")
-            .fetch_all(&app.pool)
-            .await
-            .unwrap();
+    let rows: Vec<(i64, i64, Value)> = sqlx::query_as(
+        "select log_index, seq, convert_from(canonical, 'UTF8')::jsonb from evidence order by log_index",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
     assert_eq!(rows.len() as i64, total + 2);
     assert!(rows.iter().enumerate().all(|(i, r)| r.0 == i as i64), "every index once, none missing");
     let last: Vec<i64> = rows[rows.len() - 2..].iter().map(|r| r.2["details"]["n"].as_i64().unwrap()).collect();
