@@ -16,11 +16,12 @@ create sequence evidence_seq_seq as bigint owned by evidence.seq;
 select setval('evidence_seq_seq', coalesce((select max(seq) from evidence), 0) + 1, false);
 alter table evidence alter column seq set default nextval('evidence_seq_seq');
 alter table evidence alter column seq set not null;
-create unique index evidence_seq on evidence (seq);
 
 alter table evidence drop constraint evidence_pkey;
 alter table evidence alter column log_index drop not null;
-create unique index evidence_log_index on evidence (log_index);
+-- Partial: a record enters this index when it is sequenced, not at insert (nulls would all
+-- crowd onto the index's last page, which every writer would then contend for).
+create unique index evidence_log_index on evidence (log_index) where log_index is not null;
 -- What the sequencer has still to do.
 create index evidence_unsequenced on evidence (seq) where log_index is null;
 drop index evidence_item;

@@ -186,7 +186,10 @@ async fn fixture_item(pool: &PgPool) -> anyhow::Result<ItemContext> {
     .await?;
     Ok(ItemContext {
         item_id: item,
+        agency_id: agency,
         agency_code: "bench".into(),
+        kind: "notification".into(),
+        reference: "bench".into(),
         recipient_scheme: "pinfl".into(),
         recipient_value: "31205880100121".into(),
         policy_id: "notification".into(),

@@ -25,7 +25,7 @@ use sha2::Sha256;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::evidence::{Event, NewEvidence};
+use crate::evidence::{Event, ItemContext, NewEvidence};
 use crate::queue::{Envelope, CALLBACKS, DELIVERY_EXCHANGE};
 use crate::worker::Outcome;
 
@@ -84,14 +84,17 @@ fn extra(e: &NewEvidence, kind: &str) -> Value {
 
 /// Writes the callback events of these records, a delivery per subscribed endpoint and the
 /// outbox rows that queue them, in the caller's transaction (one statement).
-/// `records`: (item id, evidence id, event) of one item or several.
-pub async fn enqueue(conn: &mut PgConnection, records: &[(Uuid, Uuid, &NewEvidence)]) -> sqlx::Result<()> {
+/// `records`: (item, evidence id, event) of one item or several.
+pub async fn enqueue(conn: &mut PgConnection, records: &[(&ItemContext, Uuid, &NewEvidence)]) -> sqlx::Result<()> {
     let (mut ids, mut kinds, mut evidence_ids, mut ats, mut at_texts, mut events, mut extras) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    let mut items = vec![];
-    for (item_id, evidence_id, e) in records {
+    let (mut items, mut agencies, mut references, mut item_kinds) = (vec![], vec![], vec![], vec![]);
+    for (item, evidence_id, e) in records {
         for kind in types_for(e) {
-            items.push(*item_id);
+            items.push(item.item_id);
+            agencies.push(item.agency_id);
+            references.push(item.reference.as_str());
+            item_kinds.push(item.kind.as_str());
             ids.push(Uuid::now_v7());
             kinds.push(kind);
             evidence_ids.push(*evidence_id);
@@ -107,13 +110,13 @@ pub async fn enqueue(conn: &mut PgConnection, records: &[(Uuid, Uuid, &NewEviden
     sqlx::query(
         "with ev as (
             insert into callback_event (id, agency_id, item_id, type, evidence_id, at, payload)
-            select x.id, i.agency_id, i.id, x.kind, x.evidence_id, x.at,
+            select x.id, x.agency_id, x.item_id, x.kind, x.evidence_id, x.at,
                    jsonb_build_object('id', x.id, 'type', x.kind, 'at', x.at_text,
-                       'item', jsonb_build_object('id', i.id, 'reference', i.reference, 'kind', i.kind),
+                       'item', jsonb_build_object('id', x.item_id, 'reference', x.reference, 'kind', x.item_kind),
                        'evidence', jsonb_build_object('id', x.evidence_id, 'event', x.event)) || x.extra
             from unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::timestamptz[], $6::text[], $7::text[],
-                        $8::jsonb[]) as x(item_id, id, kind, evidence_id, at, at_text, event, extra)
-            join item i on i.id = x.item_id
+                        $8::jsonb[], $11::uuid[], $12::text[], $13::text[])
+                 as x(item_id, id, kind, evidence_id, at, at_text, event, extra, agency_id, reference, item_kind)
             returning id, agency_id, type
          ), d as (
             insert into callback_delivery (id, event_id, endpoint_id, status)
@@ -135,6 +138,9 @@ pub async fn enqueue(conn: &mut PgConnection, records: &[(Uuid, Uuid, &NewEviden
     .bind(&extras)
     .bind(DELIVERY_EXCHANGE)
     .bind(CALLBACKS)
+    .bind(&agencies)
+    .bind(&references)
+    .bind(&item_kinds)
     .execute(conn)
     .await?;
     Ok(())

@@ -59,7 +59,11 @@ pub enum Actor {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ItemContext {
     pub item_id: Uuid,
+    pub agency_id: Uuid,
     pub agency_code: String,
+    /// The item's kind and the agency's reference, which callbacks carry.
+    pub kind: String,
+    pub reference: String,
     pub recipient_scheme: String,
     pub recipient_value: String,
     pub policy_id: String,
@@ -69,7 +73,7 @@ pub struct ItemContext {
 impl ItemContext {
     pub async fn load(conn: &mut PgConnection, item_id: Uuid) -> sqlx::Result<ItemContext> {
         sqlx::query_as(
-            "select i.id as item_id, a.code as agency_code,
+            "select i.id as item_id, a.id as agency_id, a.code as agency_code, i.kind, i.reference,
                     case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
                     coalesce(r.pinfl, r.tin) as recipient_value,
                     i.policy_id, i.policy_version
@@ -192,11 +196,11 @@ pub async fn append_many(
         }
     }
     // The agencies' callbacks for these events.
-    let records: Vec<(Uuid, Uuid, &NewEvidence)> = batch
+    let records: Vec<(&ItemContext, Uuid, &NewEvidence)> = batch
         .iter()
-        .flat_map(|(_, events)| events.iter())
-        .zip(items.iter().zip(ids.iter()))
-        .map(|(e, (item, id))| (*item, *id, e))
+        .flat_map(|(item, events)| events.iter().map(move |e| (*item, e)))
+        .zip(ids.iter())
+        .map(|((item, e), id)| (item, *id, e))
         .collect();
     crate::callbacks::enqueue(&mut *conn, &records).await?;
 

@@ -101,7 +101,7 @@ pub async fn load_nodes(
         keys.iter().filter(|(l, _)| *l > 0).map(|(l, i)| (*l as i16, *i as i64)).unzip();
     let mut nodes = HashMap::with_capacity(keys.len());
     let rows: Vec<(i64, Vec<u8>)> =
-        sqlx::query_as("select log_index, leaf_hash from evidence where log_index = any($1)")
+        sqlx::query_as("select log_index, leaf_hash from evidence where log_index = any($1) and log_index is not null")
             .bind(&leaves)
             .fetch_all(&mut *conn)
             .await?;

@@ -150,7 +150,7 @@ struct JobRow {
 }
 
 const JOB_QUERY: &str = "select a.id as attempt_id, a.step_id, i.recipient_id, a.status,
-        i.id as item_id, ag.code as agency_code,
+        i.id as item_id, ag.id as agency_id, ag.code as agency_code, i.kind, i.reference,
         case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
         coalesce(r.pinfl, r.tin) as recipient_value, i.policy_id, i.policy_version
      from attempt a join item i on i.id = a.item_id join agency ag on ag.id = i.agency_id

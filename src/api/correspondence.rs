@@ -413,7 +413,10 @@ pub async fn submit(
 
     let item_ctx = ItemContext {
         item_id,
+        agency_id: agency.id,
         agency_code: agency.code.clone(),
+        kind: p.kind.as_str().into(),
+        reference: p.reference.clone(),
         recipient_scheme: p.recipient.scheme().into(),
         recipient_value: p.recipient.value().into(),
         policy_id: policy.id.clone(),

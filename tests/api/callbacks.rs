@@ -143,8 +143,16 @@ async fn callbacks_are_signed_and_the_receiver_verifies_them() {
     assert_eq!(served["served"]["rule"], "accessed");
     assert_eq!(served["evidence"]["event"], "ContentAccessTracking");
 
-    // The log of calls, with each attempt.
-    let log: Value = app.get("/v1/callbacks/deliveries", &key).await.json().await.unwrap();
+    // The log of calls, with each attempt. The caller marks a call delivered just after the
+    // receiver answered: wait for that.
+    let mut log = Value::Null;
+    for _ in 0..100 {
+        log = app.get("/v1/callbacks/deliveries", &key).await.json().await.unwrap();
+        if log["deliveries"].as_array().unwrap().iter().all(|d| d["status"] == "delivered") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let deliveries = log["deliveries"].as_array().unwrap();
     assert_eq!(deliveries.len(), 4);
     for d in deliveries {
