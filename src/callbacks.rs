@@ -82,68 +82,111 @@ fn extra(e: &NewEvidence, kind: &str) -> Value {
     x
 }
 
-/// Writes the callback events of these records, a delivery per subscribed endpoint and the
-/// outbox rows that queue them, in the caller's transaction (one statement).
-/// `records`: (item, evidence id, event) of one item or several.
-pub async fn enqueue(conn: &mut PgConnection, records: &[(&ItemContext, Uuid, &NewEvidence)]) -> sqlx::Result<()> {
-    let (mut ids, mut kinds, mut evidence_ids, mut ats, mut at_texts, mut events, mut extras) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut items, mut agencies, mut references, mut item_kinds) = (vec![], vec![], vec![], vec![]);
+/// The callback events of evidence records, as the arrays [`ctes`] reads.
+#[derive(Default)]
+pub struct Events<'a> {
+    items: Vec<Uuid>,
+    ids: Vec<Uuid>,
+    kinds: Vec<&'static str>,
+    evidence_ids: Vec<Uuid>,
+    ats: Vec<DateTime<Utc>>,
+    at_texts: Vec<String>,
+    events: Vec<String>,
+    extras: Vec<Value>,
+    agencies: Vec<Uuid>,
+    references: Vec<&'a str>,
+    item_kinds: Vec<&'a str>,
+}
+
+/// The events these records (item, evidence id, event) call for: one per event type an
+/// agency may subscribe to.
+pub fn events<'a>(records: &[(&'a ItemContext, Uuid, &NewEvidence)]) -> Events<'a> {
+    let mut x = Events::default();
     for (item, evidence_id, e) in records {
         for kind in types_for(e) {
-            items.push(item.item_id);
-            agencies.push(item.agency_id);
-            references.push(item.reference.as_str());
-            item_kinds.push(item.kind.as_str());
-            ids.push(Uuid::now_v7());
-            kinds.push(kind);
-            evidence_ids.push(*evidence_id);
-            ats.push(e.at);
-            at_texts.push(crate::evidence::format_time(e.at));
-            events.push(e.event.as_str());
-            extras.push(extra(e, kind));
+            x.items.push(item.item_id);
+            x.agencies.push(item.agency_id);
+            x.references.push(item.reference.as_str());
+            x.item_kinds.push(item.kind.as_str());
+            x.ids.push(Uuid::now_v7());
+            x.kinds.push(kind);
+            x.evidence_ids.push(*evidence_id);
+            x.ats.push(e.at);
+            x.at_texts.push(crate::evidence::format_time(e.at));
+            x.events.push(e.event.as_str());
+            x.extras.push(extra(e, kind));
         }
     }
-    if ids.is_empty() {
-        return Ok(());
+    x
+}
+
+impl<'a> Events<'a> {
+    /// Binds the parameters of [`ctes`], in order.
+    pub fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>
+    where
+        'a: 'q,
+    {
+        q.bind(&self.items)
+            .bind(&self.ids)
+            .bind(&self.kinds)
+            .bind(&self.evidence_ids)
+            .bind(&self.ats)
+            .bind(&self.at_texts)
+            .bind(&self.events)
+            .bind(&self.extras)
+            .bind(DELIVERY_EXCHANGE)
+            .bind(CALLBACKS)
+            .bind(&self.agencies)
+            .bind(&self.references)
+            .bind(&self.item_kinds)
     }
-    sqlx::query(
-        "with ev as (
+}
+
+/// Common table expressions that write the callback events, a delivery per subscribed endpoint
+/// and the outbox rows that queue them, as part of the statement that writes the evidence (so
+/// in its transaction, and without a round trip of their own). They read the 13 parameters
+/// after `$first` (bound by [`Events::bind`]).
+pub fn ctes(first: usize) -> String {
+    let p = |n: usize| format!("${}", first + n);
+    format!(
+        "cb_event as (
             insert into callback_event (id, agency_id, item_id, type, evidence_id, at, payload)
             select x.id, x.agency_id, x.item_id, x.kind, x.evidence_id, x.at,
                    jsonb_build_object('id', x.id, 'type', x.kind, 'at', x.at_text,
                        'item', jsonb_build_object('id', x.item_id, 'reference', x.reference, 'kind', x.item_kind),
                        'evidence', jsonb_build_object('id', x.evidence_id, 'event', x.event)) || x.extra
-            from unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::timestamptz[], $6::text[], $7::text[],
-                        $8::jsonb[], $11::uuid[], $12::text[], $13::text[])
+            from unnest({}::uuid[], {}::uuid[], {}::text[], {}::uuid[], {}::timestamptz[], {}::text[], {}::text[],
+                        {}::jsonb[], {}::uuid[], {}::text[], {}::text[])
                  as x(item_id, id, kind, evidence_id, at, at_text, event, extra, agency_id, reference, item_kind)
             returning id, agency_id, type
-         ), d as (
+         ), cb_delivery as (
             insert into callback_delivery (id, event_id, endpoint_id, status)
             select gen_random_uuid(), ev.id, ep.id, 'pending'
-            from ev join callback_endpoint ep
+            from cb_event ev join callback_endpoint ep
               on ep.agency_id = ev.agency_id and ep.disabled_at is null and ev.type = any(ep.events)
             returning id
-         )
-         insert into outbox (exchange, routing_key, message_id, payload)
-         select $9, $10, d.id, jsonb_build_object('type', 'callback', 'version', 1, 'delivery_id', d.id) from d",
+         ), cb_outbox as (
+            insert into outbox (exchange, routing_key, message_id, payload)
+            select {}, {}, d.id, jsonb_build_object('type', 'callback', 'version', 1, 'delivery_id', d.id)
+            from cb_delivery d
+         )",
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8),
+        p(11),
+        p(12),
+        p(13),
+        p(9),
+        p(10)
     )
-    .bind(&items)
-    .bind(&ids)
-    .bind(&kinds)
-    .bind(&evidence_ids)
-    .bind(&ats)
-    .bind(&at_texts)
-    .bind(&events)
-    .bind(&extras)
-    .bind(DELIVERY_EXCHANGE)
-    .bind(CALLBACKS)
-    .bind(&agencies)
-    .bind(&references)
-    .bind(&item_kinds)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// `v1=` + hex HMAC-SHA256(secret, "{timestamp}.{body}").

@@ -195,14 +195,14 @@ pub async fn append_many(
             ids.push(Uuid::now_v7());
         }
     }
-    // The agencies' callbacks for these events.
+    // The agencies' callbacks for these events, written by the same statement.
     let records: Vec<(&ItemContext, Uuid, &NewEvidence)> = batch
         .iter()
         .flat_map(|(item, events)| events.iter().map(move |e| (*item, e)))
         .zip(ids.iter())
         .map(|((item, e), id)| (item, *id, e))
         .collect();
-    crate::callbacks::enqueue(&mut *conn, &records).await?;
+    let callbacks = crate::callbacks::events(&records);
 
     let mut names = Vec::with_capacity(n);
     let mut times = Vec::with_capacity(n);
@@ -247,13 +247,7 @@ pub async fn append_many(
             hashes.push(hash);
         }
     }
-    sqlx::query(
-        "insert into evidence (evidence_id, item_id, event, at, channel, canonical, sha256, leaf_hash)
-         select e, i, n, t, c, b, h, f
-         from unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[], $6::bytea[], $7::bytea[],
-                     $8::bytea[]) with ordinality as x(e, i, n, t, c, b, h, f, o)
-         order by o",
-    )
+    let q = sqlx::query(&APPEND_SQL)
     .bind(&ids)
     .bind(&items)
     .bind(&names)
@@ -261,11 +255,23 @@ pub async fn append_many(
     .bind(&channels)
     .bind(&bodies)
     .bind(&hashes)
-    .bind(&leaves)
-    .execute(&mut *conn)
-    .await?;
+    .bind(&leaves);
+    callbacks.bind(q).execute(&mut *conn).await?;
     Ok(appended)
 }
+
+/// The records, with their callbacks (parameters 9 to 21).
+static APPEND_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "with {}
+         insert into evidence (evidence_id, item_id, event, at, channel, canonical, sha256, leaf_hash)
+         select e, i, n, t, c, b, h, f
+         from unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[], $6::bytea[], $7::bytea[],
+                     $8::bytea[]) with ordinality as x(e, i, n, t, c, b, h, f, o)
+         order by o",
+        crate::callbacks::ctes(8)
+    )
+});
 
 #[derive(Serialize)]
 struct RecipientRecord<'a> {

@@ -221,37 +221,12 @@ pub async fn submit(
     }
     let p = prepare(body.value)?;
 
-    let item_id = Uuid::now_v7();
-    let mut tx = state.pool.begin().await?;
-    // The key is claimed for this item first; the item itself commits with it, or neither does.
-    let claimed = sqlx::query(
-        "insert into idempotency (agency_id, key, request_sha256, item_id) values ($1, $2, $3, $4)
-         on conflict do nothing",
-    )
-    .bind(agency.id)
-    .bind(&key)
-    .bind(&request_sha256)
-    .bind(item_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if claimed == 0 {
-        // A concurrent request with the same key committed first (we waited on its row lock).
-        drop(tx);
-        return replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256).await?.ok_or_else(|| {
-            ApiError::Conflict {
-                field: Some("Idempotency-Key".into()),
-                detail: "a request with this key is in progress".into(),
-            }
-        });
-    }
-
     let recipient: Option<RecipientRow> = sqlx::query_as(&format!(
         "select id, name, phone, email, digital_consent from recipient where {} = $1",
         p.recipient.scheme()
     ))
     .bind(p.recipient.value())
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&state.pool)
     .await?;
     let Some(RecipientRow { id: recipient_id, name: recipient_name, phone, email, digital_consent }) = recipient else {
         return Err(ApiError::invalid(
@@ -260,6 +235,7 @@ pub async fn submit(
         ));
     };
 
+    let item_id = Uuid::now_v7();
     let policy = state.policies.for_kind(p.kind);
     let ctx = templates::Context {
         agency: templates::AgencyCtx { name: agency.name.clone(), code: agency.code.clone() },
@@ -327,63 +303,6 @@ pub async fn submit(
     let content_sha256 = evidence::sha256_hex(rendered.html.as_bytes());
     let subject_sha256 = evidence::sha256_hex(rendered.subject.as_bytes());
 
-    sqlx::query(
-        "insert into item (id, agency_id, recipient_id, kind, template, language, reference, personalisation,
-                           subject, content_html, content_sha256, respond_by, policy_id, policy_version, status,
-                           digital_consent, deemed_after, deemed_rule, respond_by_warning)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 'accepted', $15,
-                 $16::text::interval, $17, $18)",
-    )
-    .bind(item_id)
-    .bind(agency.id)
-    .bind(recipient_id)
-    .bind(p.kind.as_str())
-    .bind(&p.template)
-    .bind(p.language.as_str())
-    .bind(&p.reference)
-    .bind(sqlx::types::Json(&p.personalisation))
-    .bind(&rendered.subject)
-    .bind(&rendered.html)
-    .bind(&content_sha256)
-    .bind(p.respond_by)
-    .bind(&policy.id)
-    .bind(policy.version)
-    .bind(digital_consent)
-    .bind(deemed.map(|d| d.after.interval()))
-    .bind(deemed_rule.as_ref().map(sqlx::types::Json))
-    .bind(&respond_by_warning)
-    .execute(&mut *tx)
-    .await?;
-    for (d, data) in &p.attachments {
-        sqlx::query(
-            "insert into attachment (item_id, n, name, content_type, size, sha256, data) values ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(item_id)
-        .bind(d.n)
-        .bind(&d.name)
-        .bind(&d.content_type)
-        .bind(d.size)
-        .bind(&d.sha256)
-        .bind(data)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !notices.is_empty() {
-        sqlx::query(
-            "insert into notice (item_id, channel, address, subject, body_text, body_html, encoding, segments)
-             select $1, * from unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int[])",
-        )
-        .bind(item_id)
-        .bind(notices.iter().map(|n| n.channel).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.address.as_str()).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.subject.as_deref()).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.text.as_str()).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.html.as_deref()).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.encoding.as_deref()).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.segments).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-    }
     let trace_id = Uuid::new_v4();
     let mut plan = Vec::new();
     let mut steps = StepRows::default();
@@ -408,8 +327,120 @@ pub async fn submit(
         }
         plan.push(planned);
     }
-    steps.insert(&mut tx, item_id).await?;
-    start_steps(&mut tx, item_id, &started, trace_id).await?;
+    let attempt_ids: Vec<Uuid> = started.iter().map(|_| Uuid::now_v7()).collect();
+    let envelopes: Vec<sqlx::types::Json<Envelope>> = started
+        .iter()
+        .zip(&attempt_ids)
+        .map(|((step_id, _), attempt_id)| {
+            sqlx::types::Json(Envelope::Deliver {
+                version: 1,
+                item_id,
+                step_id: *step_id,
+                attempt_id: *attempt_id,
+                trace_id,
+            })
+        })
+        .collect();
+
+    // One statement writes the item and everything it needs, after claiming the key for it:
+    // when a concurrent request with the same key committed first (we waited on its row lock),
+    // the claim returns nothing and so does every insert that reads from it.
+    let mut tx = state.pool.begin().await?;
+    let claimed: i64 = sqlx::query_scalar(
+        "with claim as (
+            insert into idempotency (agency_id, key, request_sha256, item_id) values ($1, $2, $3, $4)
+            on conflict do nothing returning item_id
+         ), it as (
+            insert into item (id, agency_id, recipient_id, kind, template, language, reference, personalisation,
+                              subject, content_html, content_sha256, respond_by, policy_id, policy_version, status,
+                              digital_consent, deemed_after, deemed_rule, respond_by_warning)
+            select item_id, $1, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, 'accepted', $17,
+                   $18::text::interval, $19, $20
+            from claim returning id
+         ), att as (
+            insert into attachment (item_id, n, name, content_type, size, sha256, data)
+            select it.id, x.n, x.name, x.ct, x.size, x.sha, x.data from it,
+                   unnest($21::int[], $22::text[], $23::text[], $24::int[], $25::text[], $26::bytea[])
+                   as x(n, name, ct, size, sha, data)
+         ), nt as (
+            insert into notice (item_id, channel, address, subject, body_text, body_html, encoding, segments)
+            select it.id, x.* from it,
+                   unnest($27::text[], $28::text[], $29::text[], $30::text[], $31::text[], $32::text[], $33::int[]) as x
+         ), st as (
+            insert into step (id, item_id, seq, channel, status, due_at, unless_condition)
+            select x.id, it.id, x.seq, x.channel, case when x.due_at is null then 'queued' else 'scheduled' end,
+                   x.due_at, x.u
+            from it, unnest($34::uuid[], $35::int[], $36::text[], $37::timestamptz[], $38::text[])
+                 as x(id, seq, channel, due_at, u)
+            returning id, due_at
+         ), tm as (
+            insert into timer (id, kind, item_id, step_id, due_at)
+            select gen_random_uuid(), 'escalate', $4, id, due_at from st where due_at is not null
+         ), att2 as (
+            insert into attempt (id, step_id, item_id, channel, status)
+            select x.id, x.step_id, it.id, x.channel, 'queued' from it,
+                   unnest($39::uuid[], $40::uuid[], $41::text[]) as x(id, step_id, channel)
+         ), ob as (
+            insert into outbox (exchange, routing_key, message_id, payload)
+            select $42, x.channel, x.id, x.payload from it, unnest($39::uuid[], $41::text[], $43::jsonb[])
+                   as x(id, channel, payload)
+         )
+         select count(*) from claim",
+    )
+    .bind(agency.id)
+    .bind(&key)
+    .bind(&request_sha256)
+    .bind(item_id)
+    .bind(recipient_id)
+    .bind(p.kind.as_str())
+    .bind(&p.template)
+    .bind(p.language.as_str())
+    .bind(&p.reference)
+    .bind(sqlx::types::Json(&p.personalisation))
+    .bind(&rendered.subject)
+    .bind(&rendered.html)
+    .bind(&content_sha256)
+    .bind(p.respond_by)
+    .bind(&policy.id)
+    .bind(policy.version)
+    .bind(digital_consent)
+    .bind(deemed.map(|d| d.after.interval()))
+    .bind(deemed_rule.as_ref().map(sqlx::types::Json))
+    .bind(&respond_by_warning)
+    .bind(p.attachments.iter().map(|(d, _)| d.n).collect::<Vec<_>>())
+    .bind(p.attachments.iter().map(|(d, _)| d.name.as_str()).collect::<Vec<_>>())
+    .bind(p.attachments.iter().map(|(d, _)| d.content_type.as_str()).collect::<Vec<_>>())
+    .bind(p.attachments.iter().map(|(d, _)| d.size).collect::<Vec<_>>())
+    .bind(p.attachments.iter().map(|(d, _)| d.sha256.as_str()).collect::<Vec<_>>())
+    .bind(p.attachments.iter().map(|(_, data)| data.as_slice()).collect::<Vec<_>>())
+    .bind(notices.iter().map(|n| n.channel).collect::<Vec<_>>())
+    .bind(notices.iter().map(|n| n.address.as_str()).collect::<Vec<_>>())
+    .bind(notices.iter().map(|n| n.subject.as_deref()).collect::<Vec<_>>())
+    .bind(notices.iter().map(|n| n.text.as_str()).collect::<Vec<_>>())
+    .bind(notices.iter().map(|n| n.html.as_deref()).collect::<Vec<_>>())
+    .bind(notices.iter().map(|n| n.encoding.as_deref()).collect::<Vec<_>>())
+    .bind(notices.iter().map(|n| n.segments).collect::<Vec<_>>())
+    .bind(&steps.ids)
+    .bind(&steps.seqs)
+    .bind(&steps.channels)
+    .bind(&steps.due)
+    .bind(&steps.unless)
+    .bind(&attempt_ids)
+    .bind(started.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(started.iter().map(|(_, channel)| *channel).collect::<Vec<_>>())
+    .bind(DELIVERY_EXCHANGE)
+    .bind(&envelopes)
+    .fetch_one(&mut *tx)
+    .await?;
+    if claimed == 0 {
+        drop(tx);
+        return replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256).await?.ok_or_else(|| {
+            ApiError::Conflict {
+                field: Some("Idempotency-Key".into()),
+                detail: "a request with this key is in progress".into(),
+            }
+        });
+    }
 
     let item_ctx = ItemContext {
         item_id,
@@ -478,7 +509,7 @@ pub async fn submit(
     Ok(accepted(body))
 }
 
-/// The rows of an item's steps, written in one statement with the timers of the timed ones.
+/// The rows of an item's steps, as the arrays the submission statement binds.
 #[derive(Default)]
 struct StepRows<'a> {
     ids: Vec<Uuid>,
@@ -495,32 +526,6 @@ impl<'a> StepRows<'a> {
         self.channels.push(channel);
         self.due.push(due);
         self.unless.push(unless);
-    }
-
-    async fn insert(&self, conn: &mut PgConnection, item_id: Uuid) -> sqlx::Result<()> {
-        if self.ids.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "with s as (
-                insert into step (id, item_id, seq, channel, status, due_at, unless_condition)
-                select id, $1, seq, channel, case when due_at is null then 'queued' else 'scheduled' end, due_at, u
-                from unnest($2::uuid[], $3::int[], $4::text[], $5::timestamptz[], $6::text[])
-                     as x(id, seq, channel, due_at, u)
-                returning id, due_at
-             )
-             insert into timer (id, kind, item_id, step_id, due_at)
-             select gen_random_uuid(), 'escalate', $1, id, due_at from s where due_at is not null",
-        )
-        .bind(item_id)
-        .bind(&self.ids)
-        .bind(&self.seqs)
-        .bind(&self.channels)
-        .bind(&self.due)
-        .bind(&self.unless)
-        .execute(conn)
-        .await?;
-        Ok(())
     }
 }
 

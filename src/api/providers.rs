@@ -27,6 +27,14 @@ pub struct SmsReport {
     pub error: Option<String>,
 }
 
+#[derive(sqlx::FromRow)]
+struct ReportedMessage {
+    attempt_id: Uuid,
+    status: String,
+    #[sqlx(flatten)]
+    item: ItemContext,
+}
+
 #[utoipa::path(post, path = "/v1/providers/sms/{provider}/reports", tag = "providers", request_body = SmsReport,
     params(("provider" = String, Path)),
     responses((status = 200, description = "Taken (or already taken)"),
@@ -57,15 +65,21 @@ pub async fn sms_report(
         _ => return Ok(Json(serde_json::json!({ "taken": false, "reason": "not a final status" }))),
     };
     let mut tx = state.pool.begin().await?;
-    let message: Option<(Uuid, Uuid, String)> = sqlx::query_as(
-        "select attempt_id, item_id, status from sms_message where provider = $1 and provider_id = $2 for update",
+    // The message, locked, with what its evidence names: one query.
+    let message: Option<ReportedMessage> = sqlx::query_as(
+        "select m.attempt_id, m.status, i.id as item_id, a.id as agency_id, a.code as agency_code, i.kind,
+                i.reference, case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
+                coalesce(r.pinfl, r.tin) as recipient_value, i.policy_id, i.policy_version
+         from sms_message m join item i on i.id = m.item_id join agency a on a.id = i.agency_id
+         join recipient r on r.id = i.recipient_id
+         where m.provider = $1 and m.provider_id = $2 for update of m",
     )
     .bind(&provider)
     .bind(&report.id)
     .fetch_optional(&mut *tx)
     .await?;
     // A report can outrun our own commit of the send: the provider retries a 404.
-    let Some((attempt_id, item_id, status)) = message else {
+    let Some(ReportedMessage { attempt_id, status, item: ctx }) = message else {
         // A sign-in code of the web inbox: taken, nothing to record.
         let otp: bool = sqlx::query_scalar("select exists (select 1 from otp_challenge where provider_ref = $1)")
             .bind(&report.id)
@@ -76,27 +90,30 @@ pub async fn sms_report(
         }
         return Err(ApiError::NotFound);
     };
-    let first = sqlx::query(
-        "insert into sms_report (provider, provider_id, status) values ($1, $2, $3) on conflict do nothing",
+    let final_status = if event == Event::NotificationDelivered { "delivered" } else { "failed" };
+    // The first report of a message still awaiting one settles it; any other is kept only.
+    let first: bool = sqlx::query_scalar(
+        "with report as (
+            insert into sms_report (provider, provider_id, status) values ($1, $2, $3) on conflict do nothing
+            returning 1
+         ), settled as (
+            update sms_message set status = $5, reported_at = now()
+            where attempt_id = $4 and status = 'accepted' and exists (select 1 from report)
+            returning 1
+         )
+         select exists (select 1 from settled)",
     )
     .bind(&provider)
     .bind(&report.id)
     .bind(&report.status)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
+    .bind(attempt_id)
+    .bind(final_status)
+    .fetch_one(&mut *tx)
+    .await?;
     if !first || status != "accepted" {
         tx.commit().await?;
         return Ok(Json(serde_json::json!({ "taken": false, "reason": "already reported" })));
     }
-    let final_status = if event == Event::NotificationDelivered { "delivered" } else { "failed" };
-    sqlx::query("update sms_message set status = $2, reported_at = now() where attempt_id = $1")
-        .bind(attempt_id)
-        .bind(final_status)
-        .execute(&mut *tx)
-        .await?;
-    let ctx = ItemContext::load(&mut tx, item_id).await?;
     evidence::append(
         &mut tx,
         &ctx,
