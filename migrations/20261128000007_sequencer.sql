@@ -69,7 +69,3 @@ drop trigger outbox_notify on outbox;
 drop function outbox_notify_rows();
 drop function outbox_notify();
 
--- Callback events name their agency for listing and replay; the item already ties them to it.
--- A foreign key to agency made every evidence write take a share lock on the agency's one row,
--- which all concurrent writers of a busy agency then shared through a multixact.
-alter table callback_event drop constraint callback_event_agency_id_fkey;

@@ -148,8 +148,8 @@ impl<'a> Events<'a> {
 /// Common table expressions that write the callback events, a delivery per subscribed endpoint
 /// and the outbox rows that queue them, as part of the statement that writes the evidence (so
 /// in its transaction, and without a round trip of their own). They read the 13 parameters
-/// after `$first` (bound by [`Events::bind`]).
-pub fn ctes(first: usize) -> String {
+/// after `$first` (bound by [`Events::bind`]), each row only where `guard` holds.
+pub fn ctes(first: usize, guard: &str) -> String {
     let p = |n: usize| format!("${}", first + n);
     format!(
         "cb_event as (
@@ -161,6 +161,7 @@ pub fn ctes(first: usize) -> String {
             from unnest({}::uuid[], {}::uuid[], {}::text[], {}::uuid[], {}::timestamptz[], {}::text[], {}::text[],
                         {}::jsonb[], {}::uuid[], {}::text[], {}::text[])
                  as x(item_id, id, kind, evidence_id, at, at_text, event, extra, agency_id, reference, item_kind)
+            where {guard}
             returning id, agency_id, type
          ), cb_delivery as (
             insert into callback_delivery (id, event_id, endpoint_id, status)

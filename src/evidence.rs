@@ -177,46 +177,61 @@ pub async fn append(
     append_many(conn, &[(item, events)]).await
 }
 
-/// Appends records of several items in two statements (their callback events, then the
-/// records); the caller owns the transaction. Returns the records in the order given.
+/// Appends records of several items, with their callbacks, in one statement; the caller owns
+/// the transaction. Returns the records in the order given.
 pub async fn append_many(
     conn: &mut PgConnection,
     batch: &[(&ItemContext, Vec<NewEvidence>)],
 ) -> sqlx::Result<Vec<Appended>> {
-    let n: usize = batch.iter().map(|(_, events)| events.len()).sum();
-    if n == 0 {
+    let prepared = prepare(batch);
+    if prepared.appended.is_empty() {
         return Ok(Vec::new());
     }
-    let mut items = Vec::with_capacity(n);
-    let mut ids = Vec::with_capacity(n);
-    for (item, events) in batch {
-        for _ in events {
-            items.push(item.item_id);
-            ids.push(Uuid::now_v7());
-        }
-    }
-    // The agencies' callbacks for these events, written by the same statement.
-    let records: Vec<(&ItemContext, Uuid, &NewEvidence)> = batch
-        .iter()
-        .flat_map(|(item, events)| events.iter().map(move |e| (*item, e)))
-        .zip(ids.iter())
-        .map(|((item, e), id)| (item, *id, e))
-        .collect();
-    let callbacks = crate::callbacks::events(&records);
+    prepared.bind(sqlx::query(&APPEND_SQL)).execute(&mut *conn).await?;
+    Ok(prepared.appended)
+}
 
-    let mut names = Vec::with_capacity(n);
-    let mut times = Vec::with_capacity(n);
-    let mut channels = Vec::with_capacity(n);
-    let mut bodies = Vec::with_capacity(n);
-    let mut hashes = Vec::with_capacity(n);
-    let mut leaves = Vec::with_capacity(n);
-    let mut appended = Vec::with_capacity(n);
-    let mut next = ids.iter();
+static APPEND_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("with {} select 1", ctes(0, "true")));
+
+/// Records ready to be written by [`ctes`]: their rows as arrays, and their callbacks.
+pub struct Prepared<'a> {
+    ids: Vec<Uuid>,
+    items: Vec<Uuid>,
+    names: Vec<String>,
+    times: Vec<DateTime<Utc>>,
+    channels: Vec<Option<String>>,
+    bodies: Vec<Vec<u8>>,
+    hashes: Vec<Vec<u8>>,
+    leaves: Vec<Vec<u8>>,
+    callbacks: crate::callbacks::Events<'a>,
+    /// What the records are, as [`append`] returns them.
+    pub appended: Vec<Appended>,
+}
+
+/// Builds the records of these events (canonical JSON, hashes, leaf hashes) and their
+/// callbacks, to be written by a statement that uses [`ctes`].
+pub fn prepare<'a>(batch: &[(&'a ItemContext, Vec<NewEvidence>)]) -> Prepared<'a> {
+    let n: usize = batch.iter().map(|(_, events)| events.len()).sum();
+    let mut p = Prepared {
+        ids: Vec::with_capacity(n),
+        items: Vec::with_capacity(n),
+        names: Vec::with_capacity(n),
+        times: Vec::with_capacity(n),
+        channels: Vec::with_capacity(n),
+        bodies: Vec::with_capacity(n),
+        hashes: Vec::with_capacity(n),
+        leaves: Vec::with_capacity(n),
+        callbacks: Default::default(),
+        appended: Vec::with_capacity(n),
+    };
+    let mut records: Vec<(&ItemContext, Uuid, &NewEvidence)> = Vec::with_capacity(n);
     for (item, events) in batch {
         for e in events {
-            let evidence_id = *next.next().expect("one id per event");
+            let evidence_id = Uuid::now_v7();
+            records.push((*item, evidence_id, e));
             let at = truncate(e.at);
-            let record = Record {
+            let bytes = canonical(&Record {
                 version: RECORD_VERSION,
                 evidence_id,
                 event: e.event,
@@ -229,49 +244,76 @@ pub async fn append_many(
                 policy: serde_json::json!({ "id": item.policy_id, "version": item.policy_version }),
                 digests: &e.digests,
                 details: &e.details,
-            };
-            let bytes = canonical(&record);
+            });
             let hash = Sha256::digest(&bytes).to_vec();
-            leaves.push(crate::merkle::leaf_hash(&bytes).to_vec());
-            appended.push(Appended {
+            p.leaves.push(crate::merkle::leaf_hash(&bytes).to_vec());
+            p.appended.push(Appended {
                 evidence_id,
                 event: e.event,
                 at,
                 sha256: hex::encode(&hash),
                 canonical: bytes.clone(),
             });
-            names.push(e.event.as_str());
-            times.push(at);
-            channels.push(e.channel.clone());
-            bodies.push(bytes);
-            hashes.push(hash);
+            p.ids.push(evidence_id);
+            p.items.push(item.item_id);
+            p.names.push(e.event.as_str());
+            p.times.push(at);
+            p.channels.push(e.channel.clone());
+            p.bodies.push(bytes);
+            p.hashes.push(hash);
         }
     }
-    let q = sqlx::query(&APPEND_SQL)
-    .bind(&ids)
-    .bind(&items)
-    .bind(&names)
-    .bind(&times)
-    .bind(&channels)
-    .bind(&bodies)
-    .bind(&hashes)
-    .bind(&leaves);
-    callbacks.bind(q).execute(&mut *conn).await?;
-    Ok(appended)
+    p.callbacks = crate::callbacks::events(&records);
+    p
 }
 
-/// The records, with their callbacks (parameters 9 to 21).
-static APPEND_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+impl<'a> Prepared<'a> {
+    /// Binds the 21 parameters of [`ctes`], in order.
+    pub fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>
+    where
+        'a: 'q,
+    {
+        let q = q
+            .bind(&self.ids)
+            .bind(&self.items)
+            .bind(&self.names)
+            .bind(&self.times)
+            .bind(&self.channels)
+            .bind(&self.bodies)
+            .bind(&self.hashes)
+            .bind(&self.leaves);
+        self.callbacks.bind(q)
+    }
+}
+
+/// Common table expressions that insert prepared records (the 8 parameters after `$first`) and
+/// their callbacks (the 13 after those), each row only where `guard` (an SQL condition) holds:
+/// a statement that writes an item can write its evidence too, without a round trip of its own.
+pub fn ctes(first: usize, guard: &str) -> String {
+    let p = |n: usize| format!("${}", first + n);
     format!(
-        "with {}
-         insert into evidence (evidence_id, item_id, event, at, channel, canonical, sha256, leaf_hash)
-         select e, i, n, t, c, b, h, f
-         from unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[], $6::bytea[], $7::bytea[],
-                     $8::bytea[]) with ordinality as x(e, i, n, t, c, b, h, f, o)
-         order by o",
-        crate::callbacks::ctes(8)
+        "ev_records as (
+            insert into evidence (evidence_id, item_id, event, at, channel, canonical, sha256, leaf_hash)
+            select e, i, n, t, c, b, h, f
+            from unnest({}::uuid[], {}::uuid[], {}::text[], {}::timestamptz[], {}::text[], {}::bytea[], {}::bytea[],
+                        {}::bytea[]) with ordinality as x(e, i, n, t, c, b, h, f, o)
+            where {guard}
+            order by o
+         ), {}",
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8),
+        crate::callbacks::ctes(first + 8, guard)
     )
-});
+}
 
 #[derive(Serialize)]
 struct RecipientRecord<'a> {

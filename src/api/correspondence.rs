@@ -342,11 +342,152 @@ pub async fn submit(
         })
         .collect();
 
-    // One statement writes the item and everything it needs, after claiming the key for it:
-    // when a concurrent request with the same key committed first (we waited on its row lock),
-    // the claim returns nothing and so does every insert that reads from it.
-    let mut tx = state.pool.begin().await?;
-    let claimed: i64 = sqlx::query_scalar(
+    let item_ctx = ItemContext {
+        item_id,
+        agency_id: agency.id,
+        agency_code: agency.code.clone(),
+        kind: p.kind.as_str().into(),
+        reference: p.reference.clone(),
+        recipient_scheme: p.recipient.scheme().into(),
+        recipient_value: p.recipient.value().into(),
+        policy_id: policy.id.clone(),
+        policy_version: policy.version,
+    };
+    let attachments: Vec<&AttachmentDigest> = p.attachments.iter().map(|(d, _)| d).collect();
+    let mut details = serde_json::json!({
+        "kind": p.kind.as_str(),
+        "template": p.template,
+        "language": p.language.as_str(),
+        "reference": p.reference,
+        "subject": rendered.subject,
+        "idempotency_key": key,
+        "trace_id": trace_id,
+        "digital_consent": digital_consent,
+        "plan": plan,
+    });
+    if let Some(rule) = &deemed_rule {
+        details["deemed"] = rule.clone();
+    }
+    if let Some(w) = &respond_by_warning {
+        details["respond_by_warning"] = w.clone().into();
+    }
+    if let Some(t) = p.respond_by {
+        details["respond_by"] = Value::String(evidence::format_time(t));
+    }
+    if !skipped.is_empty() {
+        details["notices_skipped"] = Value::Object(skipped);
+    }
+    let acceptance = vec![NewEvidence {
+        event: Event::SubmissionAcceptance,
+        at: now,
+        actor: Actor::Agency(agency.code.clone()),
+        channel: None,
+        details,
+        digests: Some(serde_json::json!({
+            "subject": { "sha256": subject_sha256 },
+            "content": { "sha256": content_sha256, "media_type": "text/html; charset=utf-8" },
+            "attachments": attachments,
+            "notices": notices.iter().map(|n| (n.channel.to_string(), n.digest())).collect::<serde_json::Map<_, _>>(),
+        })),
+    }];
+    let batch = [(&item_ctx, acceptance)];
+    let evidence = evidence::prepare(&batch);
+
+    // One statement, so one transaction, writes the item and everything it needs, its
+    // SubmissionAcceptance record and its callbacks, after claiming the key for it: when a
+    // concurrent request with the same key committed first (we waited on its row lock), the
+    // claim returns nothing and so does every insert that reads from it.
+    let q = sqlx::query(&SUBMIT_SQL)
+        .bind(agency.id)
+        .bind(&key)
+        .bind(&request_sha256)
+        .bind(item_id)
+        .bind(recipient_id)
+        .bind(p.kind.as_str())
+        .bind(&p.template)
+        .bind(p.language.as_str())
+        .bind(&p.reference)
+        .bind(sqlx::types::Json(&p.personalisation))
+        .bind(&rendered.subject)
+        .bind(&rendered.html)
+        .bind(&content_sha256)
+        .bind(p.respond_by)
+        .bind(&policy.id)
+        .bind(policy.version)
+        .bind(digital_consent)
+        .bind(deemed.map(|d| d.after.interval()))
+        .bind(deemed_rule.as_ref().map(sqlx::types::Json))
+        .bind(&respond_by_warning)
+        .bind(p.attachments.iter().map(|(d, _)| d.n).collect::<Vec<_>>())
+        .bind(p.attachments.iter().map(|(d, _)| d.name.as_str()).collect::<Vec<_>>())
+        .bind(p.attachments.iter().map(|(d, _)| d.content_type.as_str()).collect::<Vec<_>>())
+        .bind(p.attachments.iter().map(|(d, _)| d.size).collect::<Vec<_>>())
+        .bind(p.attachments.iter().map(|(d, _)| d.sha256.as_str()).collect::<Vec<_>>())
+        .bind(p.attachments.iter().map(|(_, data)| data.as_slice()).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.channel).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.address.as_str()).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.subject.as_deref()).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.text.as_str()).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.html.as_deref()).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.encoding.as_deref()).collect::<Vec<_>>())
+        .bind(notices.iter().map(|n| n.segments).collect::<Vec<_>>())
+        .bind(&steps.ids)
+        .bind(&steps.seqs)
+        .bind(&steps.channels)
+        .bind(&steps.due)
+        .bind(&steps.unless)
+        .bind(&attempt_ids)
+        .bind(started.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind(started.iter().map(|(_, channel)| *channel).collect::<Vec<_>>())
+        .bind(DELIVERY_EXCHANGE)
+        .bind(&envelopes);
+    let claimed: i64 = sqlx::Row::get(&evidence.bind(q).fetch_one(&state.pool).await?, 0);
+    if claimed == 0 {
+        return replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256).await?.ok_or_else(|| {
+            ApiError::Conflict {
+                field: Some("Idempotency-Key".into()),
+                detail: "a request with this key is in progress".into(),
+            }
+        });
+    }
+
+    crate::outbox::wake();
+    tracing::info!(%item_id, %trace_id, agency = agency.code, kind = p.kind.as_str(), "accepted");
+    // The same answer a replay of this request gets, from what is in hand.
+    let body = SubmitResponse {
+        id: item_id,
+        status: "accepted".into(),
+        reference: p.reference,
+        respond_by_warning,
+        evidence: evidence.appended[0].stored(),
+    };
+    Ok(accepted(body))
+}
+
+/// The rows of an item's steps, as the arrays the submission statement binds.
+#[derive(Default)]
+struct StepRows<'a> {
+    ids: Vec<Uuid>,
+    seqs: Vec<i32>,
+    channels: Vec<&'a str>,
+    due: Vec<Option<DateTime<Utc>>>,
+    unless: Vec<Option<&'static str>>,
+}
+
+impl<'a> StepRows<'a> {
+    fn push(&mut self, id: Uuid, seq: i32, channel: &'a str, due: Option<DateTime<Utc>>, unless: Option<&'static str>) {
+        self.ids.push(id);
+        self.seqs.push(seq);
+        self.channels.push(channel);
+        self.due.push(due);
+        self.unless.push(unless);
+    }
+}
+
+/// A submission in one statement: the key's claim, the item and what it needs, and (after the
+/// item's 43 parameters) its evidence and callbacks, written only when the claim succeeded.
+static SUBMIT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
         "with claim as (
             insert into idempotency (agency_id, key, request_sha256, item_id) values ($1, $2, $3, $4)
             on conflict do nothing returning item_id
@@ -384,150 +525,11 @@ pub async fn submit(
             insert into outbox (exchange, routing_key, message_id, payload)
             select $42, x.channel, x.id, x.payload from it, unnest($39::uuid[], $41::text[], $43::jsonb[])
                    as x(id, channel, payload)
-         )
+         ), {}
          select count(*) from claim",
+        evidence::ctes(43, "exists (select 1 from it)")
     )
-    .bind(agency.id)
-    .bind(&key)
-    .bind(&request_sha256)
-    .bind(item_id)
-    .bind(recipient_id)
-    .bind(p.kind.as_str())
-    .bind(&p.template)
-    .bind(p.language.as_str())
-    .bind(&p.reference)
-    .bind(sqlx::types::Json(&p.personalisation))
-    .bind(&rendered.subject)
-    .bind(&rendered.html)
-    .bind(&content_sha256)
-    .bind(p.respond_by)
-    .bind(&policy.id)
-    .bind(policy.version)
-    .bind(digital_consent)
-    .bind(deemed.map(|d| d.after.interval()))
-    .bind(deemed_rule.as_ref().map(sqlx::types::Json))
-    .bind(&respond_by_warning)
-    .bind(p.attachments.iter().map(|(d, _)| d.n).collect::<Vec<_>>())
-    .bind(p.attachments.iter().map(|(d, _)| d.name.as_str()).collect::<Vec<_>>())
-    .bind(p.attachments.iter().map(|(d, _)| d.content_type.as_str()).collect::<Vec<_>>())
-    .bind(p.attachments.iter().map(|(d, _)| d.size).collect::<Vec<_>>())
-    .bind(p.attachments.iter().map(|(d, _)| d.sha256.as_str()).collect::<Vec<_>>())
-    .bind(p.attachments.iter().map(|(_, data)| data.as_slice()).collect::<Vec<_>>())
-    .bind(notices.iter().map(|n| n.channel).collect::<Vec<_>>())
-    .bind(notices.iter().map(|n| n.address.as_str()).collect::<Vec<_>>())
-    .bind(notices.iter().map(|n| n.subject.as_deref()).collect::<Vec<_>>())
-    .bind(notices.iter().map(|n| n.text.as_str()).collect::<Vec<_>>())
-    .bind(notices.iter().map(|n| n.html.as_deref()).collect::<Vec<_>>())
-    .bind(notices.iter().map(|n| n.encoding.as_deref()).collect::<Vec<_>>())
-    .bind(notices.iter().map(|n| n.segments).collect::<Vec<_>>())
-    .bind(&steps.ids)
-    .bind(&steps.seqs)
-    .bind(&steps.channels)
-    .bind(&steps.due)
-    .bind(&steps.unless)
-    .bind(&attempt_ids)
-    .bind(started.iter().map(|(id, _)| *id).collect::<Vec<_>>())
-    .bind(started.iter().map(|(_, channel)| *channel).collect::<Vec<_>>())
-    .bind(DELIVERY_EXCHANGE)
-    .bind(&envelopes)
-    .fetch_one(&mut *tx)
-    .await?;
-    if claimed == 0 {
-        drop(tx);
-        return replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256).await?.ok_or_else(|| {
-            ApiError::Conflict {
-                field: Some("Idempotency-Key".into()),
-                detail: "a request with this key is in progress".into(),
-            }
-        });
-    }
-
-    let item_ctx = ItemContext {
-        item_id,
-        agency_id: agency.id,
-        agency_code: agency.code.clone(),
-        kind: p.kind.as_str().into(),
-        reference: p.reference.clone(),
-        recipient_scheme: p.recipient.scheme().into(),
-        recipient_value: p.recipient.value().into(),
-        policy_id: policy.id.clone(),
-        policy_version: policy.version,
-    };
-    let attachments: Vec<&AttachmentDigest> = p.attachments.iter().map(|(d, _)| d).collect();
-    let mut details = serde_json::json!({
-        "kind": p.kind.as_str(),
-        "template": p.template,
-        "language": p.language.as_str(),
-        "reference": p.reference,
-        "subject": rendered.subject,
-        "idempotency_key": key,
-        "trace_id": trace_id,
-        "digital_consent": digital_consent,
-        "plan": plan,
-    });
-    if let Some(rule) = &deemed_rule {
-        details["deemed"] = rule.clone();
-    }
-    if let Some(w) = &respond_by_warning {
-        details["respond_by_warning"] = w.clone().into();
-    }
-    if let Some(t) = p.respond_by {
-        details["respond_by"] = Value::String(evidence::format_time(t));
-    }
-    if !skipped.is_empty() {
-        details["notices_skipped"] = Value::Object(skipped);
-    }
-    let appended = evidence::append(
-        &mut tx,
-        &item_ctx,
-        vec![NewEvidence {
-            event: Event::SubmissionAcceptance,
-            at: now,
-            actor: Actor::Agency(agency.code.clone()),
-            channel: None,
-            details,
-            digests: Some(serde_json::json!({
-                "subject": { "sha256": subject_sha256 },
-                "content": { "sha256": content_sha256, "media_type": "text/html; charset=utf-8" },
-                "attachments": attachments,
-                "notices": notices.iter().map(|n| (n.channel.to_string(), n.digest())).collect::<serde_json::Map<_, _>>(),
-            })),
-        }],
-    )
-    .await?;
-    tx.commit().await?;
-    crate::outbox::wake();
-    tracing::info!(%item_id, %trace_id, agency = agency.code, kind = p.kind.as_str(), "accepted");
-    // The same answer a replay of this request gets, from what is in hand.
-    let body = SubmitResponse {
-        id: item_id,
-        status: "accepted".into(),
-        reference: p.reference,
-        respond_by_warning,
-        evidence: appended[0].stored(),
-    };
-    Ok(accepted(body))
-}
-
-/// The rows of an item's steps, as the arrays the submission statement binds.
-#[derive(Default)]
-struct StepRows<'a> {
-    ids: Vec<Uuid>,
-    seqs: Vec<i32>,
-    channels: Vec<&'a str>,
-    due: Vec<Option<DateTime<Utc>>>,
-    unless: Vec<Option<&'static str>>,
-}
-
-impl<'a> StepRows<'a> {
-    fn push(&mut self, id: Uuid, seq: i32, channel: &'a str, due: Option<DateTime<Utc>>, unless: Option<&'static str>) {
-        self.ids.push(id);
-        self.seqs.push(seq);
-        self.channels.push(channel);
-        self.due.push(due);
-        self.unless.push(unless);
-    }
-}
+});
 
 fn accepted(body: SubmitResponse) -> Response {
     let item_id = body.id;

@@ -27,6 +27,21 @@ pub struct SmsReport {
     pub error: Option<String>,
 }
 
+static REPORT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "with report as (
+            insert into sms_report (provider, provider_id, status) values ($1, $2, $3) on conflict do nothing
+            returning 1
+         ), settled as (
+            update sms_message set status = $5, reported_at = now()
+            where attempt_id = $4 and status = 'accepted' and exists (select 1 from report)
+            returning 1
+         ), {}
+         select exists (select 1 from settled)",
+        evidence::ctes(5, "exists (select 1 from settled)")
+    )
+});
+
 #[derive(sqlx::FromRow)]
 struct ReportedMessage {
     attempt_id: Uuid,
@@ -64,58 +79,36 @@ pub async fn sms_report(
         }
         _ => return Ok(Json(serde_json::json!({ "taken": false, "reason": "not a final status" }))),
     };
-    let mut tx = state.pool.begin().await?;
-    // The message, locked, with what its evidence names: one query.
+    // The message, with what its evidence names.
     let message: Option<ReportedMessage> = sqlx::query_as(
         "select m.attempt_id, m.status, i.id as item_id, a.id as agency_id, a.code as agency_code, i.kind,
                 i.reference, case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
                 coalesce(r.pinfl, r.tin) as recipient_value, i.policy_id, i.policy_version
          from sms_message m join item i on i.id = m.item_id join agency a on a.id = i.agency_id
          join recipient r on r.id = i.recipient_id
-         where m.provider = $1 and m.provider_id = $2 for update of m",
+         where m.provider = $1 and m.provider_id = $2",
     )
     .bind(&provider)
     .bind(&report.id)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&state.pool)
     .await?;
     // A report can outrun our own commit of the send: the provider retries a 404.
     let Some(ReportedMessage { attempt_id, status, item: ctx }) = message else {
         // A sign-in code of the web inbox: taken, nothing to record.
         let otp: bool = sqlx::query_scalar("select exists (select 1 from otp_challenge where provider_ref = $1)")
             .bind(&report.id)
-            .fetch_one(&mut *tx)
+            .fetch_one(&state.pool)
             .await?;
         if otp {
             return Ok(Json(serde_json::json!({ "taken": true, "reason": "a sign-in code" })));
         }
         return Err(ApiError::NotFound);
     };
-    let final_status = if event == Event::NotificationDelivered { "delivered" } else { "failed" };
-    // The first report of a message still awaiting one settles it; any other is kept only.
-    let first: bool = sqlx::query_scalar(
-        "with report as (
-            insert into sms_report (provider, provider_id, status) values ($1, $2, $3) on conflict do nothing
-            returning 1
-         ), settled as (
-            update sms_message set status = $5, reported_at = now()
-            where attempt_id = $4 and status = 'accepted' and exists (select 1 from report)
-            returning 1
-         )
-         select exists (select 1 from settled)",
-    )
-    .bind(&provider)
-    .bind(&report.id)
-    .bind(&report.status)
-    .bind(attempt_id)
-    .bind(final_status)
-    .fetch_one(&mut *tx)
-    .await?;
-    if !first || status != "accepted" {
-        tx.commit().await?;
+    if status != "accepted" {
         return Ok(Json(serde_json::json!({ "taken": false, "reason": "already reported" })));
     }
-    evidence::append(
-        &mut tx,
+    let final_status = if event == Event::NotificationDelivered { "delivered" } else { "failed" };
+    let batch = [(
         &ctx,
         vec![NewEvidence {
             event,
@@ -131,8 +124,20 @@ pub async fn sms_report(
             }),
             digests: None,
         }],
-    )
-    .await?;
-    tx.commit().await?;
+    )];
+    let records = evidence::prepare(&batch);
+    // One statement: the report is kept once; the first one for a message still awaiting it
+    // settles the message and writes the evidence. A repeated or late report changes nothing
+    // else, however many arrive at once (the unique report and the status condition decide).
+    let q = sqlx::query(&REPORT_SQL)
+        .bind(&provider)
+        .bind(&report.id)
+        .bind(&report.status)
+        .bind(attempt_id)
+        .bind(final_status);
+    let settled: bool = sqlx::Row::get(&records.bind(q).fetch_one(&state.pool).await?, 0);
+    if !settled {
+        return Ok(Json(serde_json::json!({ "taken": false, "reason": "already reported" })));
+    }
     Ok(Json(serde_json::json!({ "taken": true })))
 }
