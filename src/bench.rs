@@ -230,9 +230,21 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         r.extend((0..o.workers).map(|_| vec!["worker"]));
         r
     };
+    // Each process has its own pool. The API's comes from the configuration; the others are
+    // sized by role so that together they stay within PostgreSQL's max_connections (100 by
+    // default: seven processes of 32 would not, and their pools would time out).
+    let pool_for = |role: &str| match role {
+        "worker" => 12,
+        "relay" | "scheduler" => 4,
+        _ => 0,
+    };
     let mut fleet = Fleet { children: Vec::new() };
     for args in roles {
-        let child = Command::new(&o.binary)
+        let mut command = Command::new(&o.binary);
+        if pool_for(args[0]) > 0 {
+            command.env("DALIL_DATABASE__MAX_CONNECTIONS", pool_for(args[0]).to_string());
+        }
+        let child = command
             .args(&args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
