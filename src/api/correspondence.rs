@@ -327,20 +327,7 @@ pub async fn submit(
         }
         plan.push(planned);
     }
-    let attempt_ids: Vec<Uuid> = started.iter().map(|_| Uuid::now_v7()).collect();
-    let envelopes: Vec<sqlx::types::Json<Envelope>> = started
-        .iter()
-        .zip(&attempt_ids)
-        .map(|((step_id, _), attempt_id)| {
-            sqlx::types::Json(Envelope::Deliver {
-                version: 1,
-                item_id,
-                step_id: *step_id,
-                attempt_id: *attempt_id,
-                trace_id,
-            })
-        })
-        .collect();
+    let (attempt_ids, envelopes) = first_attempts(item_id, &started, trace_id);
 
     let item_ctx = ItemContext {
         item_id,
@@ -540,6 +527,30 @@ fn accepted(body: SubmitResponse) -> Response {
     response
 }
 
+/// The first attempts of steps (step id, channel) that start now, and the messages that make
+/// workers take them.
+fn first_attempts(
+    item_id: Uuid,
+    steps: &[(Uuid, &str)],
+    trace_id: Uuid,
+) -> (Vec<Uuid>, Vec<sqlx::types::Json<Envelope>>) {
+    let attempt_ids: Vec<Uuid> = steps.iter().map(|_| Uuid::now_v7()).collect();
+    let envelopes = steps
+        .iter()
+        .zip(&attempt_ids)
+        .map(|((step_id, _), attempt_id)| {
+            sqlx::types::Json(Envelope::Deliver {
+                version: 1,
+                item_id,
+                step_id: *step_id,
+                attempt_id: *attempt_id,
+                trace_id,
+            })
+        })
+        .collect();
+    (attempt_ids, envelopes)
+}
+
 /// Starts a step now: its first attempt, and the message that makes a worker take it.
 pub async fn start_step(
     conn: &mut PgConnection,
@@ -562,21 +573,8 @@ pub async fn start_steps(
     if steps.is_empty() {
         return Ok(Vec::new());
     }
-    let attempt_ids: Vec<Uuid> = steps.iter().map(|_| Uuid::now_v7()).collect();
+    let (attempt_ids, payloads) = first_attempts(item_id, steps, trace_id);
     let (step_ids, channels): (Vec<Uuid>, Vec<&str>) = steps.iter().copied().unzip();
-    let payloads: Vec<sqlx::types::Json<Envelope>> = steps
-        .iter()
-        .zip(&attempt_ids)
-        .map(|((step_id, _), attempt_id)| {
-            sqlx::types::Json(Envelope::Deliver {
-                version: 1,
-                item_id,
-                step_id: *step_id,
-                attempt_id: *attempt_id,
-                trace_id,
-            })
-        })
-        .collect();
     sqlx::query(
         "with a as (
             insert into attempt (id, step_id, item_id, channel, status)
