@@ -93,6 +93,14 @@ impl App {
             identity: Arc::new(identity),
             broker: Arc::new(BrokerProbe::default()),
             pages: Arc::new(crate::web::Pages::load(&settings.templates_dir.join("web"))?),
+            intake: crate::api::intake::Intake::start(
+                pool.clone(),
+                crate::api::intake::Limits {
+                    batch: settings.api.intake_batch,
+                    bytes: settings.api.intake_bytes,
+                    concurrency: settings.api.intake_concurrency,
+                },
+            ),
         };
         Ok(App { settings, pool, topology, listener, state })
     }

@@ -290,16 +290,17 @@ impl<'a> Prepared<'a> {
 }
 
 /// Common table expressions that insert prepared records (the 8 parameters after `$first`) and
-/// their callbacks (the 13 after those), each row only where `guard` (an SQL condition) holds:
-/// a statement that writes an item can write its evidence too, without a round trip of its own.
+/// their callbacks (the 13 after those), each row only where `guard` (an SQL condition, which
+/// may name the row's `item_id`) holds: a statement that writes an item can write its evidence
+/// too, without a round trip of its own.
 pub fn ctes(first: usize, guard: &str) -> String {
     let p = |n: usize| format!("${}", first + n);
     format!(
         "ev_records as (
             insert into evidence (evidence_id, item_id, event, at, channel, canonical, sha256, leaf_hash)
-            select e, i, n, t, c, b, h, f
+            select e, item_id, n, t, c, b, h, f
             from unnest({}::uuid[], {}::uuid[], {}::text[], {}::timestamptz[], {}::text[], {}::bytea[], {}::bytea[],
-                        {}::bytea[]) with ordinality as x(e, i, n, t, c, b, h, f, o)
+                        {}::bytea[]) with ordinality as x(e, item_id, n, t, c, b, h, f, o)
             where {guard}
             order by o
          ), {}",

@@ -1,8 +1,9 @@
 //! The agency API: submit correspondence, follow it.
 //!
-//! A submission is one transaction: idempotency claim, item, attachments, steps, attempts,
-//! outbox rows and the SubmissionAcceptance evidence — all or nothing, committed before the
-//! `202`.
+//! A submission is written in one transaction: idempotency claim, item, attachments, steps,
+//! attempts, outbox rows and the SubmissionAcceptance evidence — all or nothing, committed
+//! before the `202`. Submissions that arrive together share that transaction ([`super::intake`]),
+//! each with its own claim, rows and error.
 
 use std::collections::BTreeMap;
 
@@ -19,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::auth::Agency;
-use super::{ApiError, ApiResult, AppState, JsonBody};
+use super::{intake, ApiError, ApiResult, AppState, JsonBody};
 use crate::domain::{Kind, Language, RecipientId};
 use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence, StoredEvidence};
 use crate::policy::ServiceRule;
@@ -214,13 +215,37 @@ pub async fn submit(
     body: JsonBody<SubmitRequest>,
 ) -> ApiResult<Response> {
     let request_sha256 = evidence::sha256_hex(&evidence::canonical(&body.raw));
-
-    // A retry of a finished request needs no validation: answer as the first time.
-    if let Some(resp) = replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256).await? {
-        return Ok(resp);
+    match accept(&state, &agency, &key, &request_sha256, body.value).await {
+        Ok(Some(response)) => Ok(response),
+        // Another request holds the key: answer as it did, once it has.
+        Ok(None) => {
+            replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256).await?.ok_or_else(|| {
+                ApiError::Conflict {
+                    field: Some("Idempotency-Key".into()),
+                    detail: "a request with this key is in progress".into(),
+                }
+            })
+        }
+        // A retry of a finished request answers as the first time, even if it would no
+        // longer pass (its recipient gone, a template changed); a key used for another body
+        // is a conflict before it is anything else.
+        Err(e @ ApiError::Internal(_)) => Err(e),
+        Err(e) => match replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256).await? {
+            Some(response) => Ok(response),
+            None => Err(e),
+        },
     }
-    let p = prepare(body.value)?;
+}
 
+/// Validates, renders and writes a new submission; `None` when its key was claimed first.
+async fn accept(
+    state: &AppState,
+    agency: &Agency,
+    key: &str,
+    request_sha256: &str,
+    body: SubmitRequest,
+) -> ApiResult<Option<Response>> {
+    let p = prepare(body)?;
     let recipient: Option<RecipientRow> = sqlx::query_as(&format!(
         "select id, name, phone, email, digital_consent from recipient where {} = $1",
         p.recipient.scheme()
@@ -305,15 +330,21 @@ pub async fn submit(
 
     let trace_id = Uuid::new_v4();
     let mut plan = Vec::new();
-    let mut steps = StepRows::default();
-    let mut started: Vec<(Uuid, &str)> = Vec::new();
+    let mut steps = Vec::new();
+    let mut attempts = Vec::new();
     for (seq, step) in policy.steps_for(digital_consent) {
         if matches!(step.channel.as_str(), "sms" | "email") && !notices.iter().any(|n| n.channel == step.channel) {
             continue; // skipped above, with the reason in the evidence
         }
         let step_id = Uuid::now_v7();
         let due_at = step.after.map(|a| now + a.0);
-        steps.push(step_id, seq as i32, &step.channel, due_at, step.unless.map(|u| u.as_str()));
+        steps.push(intake::Step {
+            id: step_id,
+            seq: seq as i32,
+            channel: step.channel.clone(),
+            due_at,
+            unless: step.unless.map(|u| u.as_str()),
+        });
         let mut planned = serde_json::json!({ "channel": step.channel });
         if let Some(due_at) = due_at {
             // A timed step waits for the scheduler (its timer is written with the step).
@@ -323,11 +354,16 @@ pub async fn submit(
                 planned["unless"] = u.as_str().into();
             }
         } else {
-            started.push((step_id, step.channel.as_str()));
+            let attempt_id = Uuid::now_v7();
+            attempts.push(intake::Attempt {
+                id: attempt_id,
+                step_id,
+                channel: step.channel.clone(),
+                envelope: Envelope::Deliver { version: 1, item_id, step_id, attempt_id, trace_id },
+            });
         }
         plan.push(planned);
     }
-    let (attempt_ids, envelopes) = first_attempts(item_id, &started, trace_id);
 
     let item_ctx = ItemContext {
         item_id,
@@ -340,7 +376,6 @@ pub async fn submit(
         policy_id: policy.id.clone(),
         policy_version: policy.version,
     };
-    let attachments: Vec<&AttachmentDigest> = p.attachments.iter().map(|(d, _)| d).collect();
     let mut details = serde_json::json!({
         "kind": p.kind.as_str(),
         "template": p.template,
@@ -364,7 +399,7 @@ pub async fn submit(
     if !skipped.is_empty() {
         details["notices_skipped"] = Value::Object(skipped);
     }
-    let acceptance = vec![NewEvidence {
+    let acceptance = NewEvidence {
         event: Event::SubmissionAcceptance,
         at: now,
         actor: Actor::Agency(agency.code.clone()),
@@ -373,70 +408,36 @@ pub async fn submit(
         digests: Some(serde_json::json!({
             "subject": { "sha256": subject_sha256 },
             "content": { "sha256": content_sha256, "media_type": "text/html; charset=utf-8" },
-            "attachments": attachments,
+            "attachments": p.attachments.iter().map(|(d, _)| d).collect::<Vec<_>>(),
             "notices": notices.iter().map(|n| (n.channel.to_string(), n.digest())).collect::<serde_json::Map<_, _>>(),
         })),
-    }];
-    let batch = [(&item_ctx, acceptance)];
-    let evidence = evidence::prepare(&batch);
+    };
 
-    // One statement, so one transaction, writes the item and everything it needs, its
-    // SubmissionAcceptance record and its callbacks, after claiming the key for it: when a
-    // concurrent request with the same key committed first (we waited on its row lock), the
-    // claim returns nothing and so does every insert that reads from it.
-    let q = sqlx::query(&SUBMIT_SQL)
-        .bind(agency.id)
-        .bind(&key)
-        .bind(&request_sha256)
-        .bind(item_id)
-        .bind(recipient_id)
-        .bind(p.kind.as_str())
-        .bind(&p.template)
-        .bind(p.language.as_str())
-        .bind(&p.reference)
-        .bind(sqlx::types::Json(&p.personalisation))
-        .bind(&rendered.subject)
-        .bind(&rendered.html)
-        .bind(&content_sha256)
-        .bind(p.respond_by)
-        .bind(&policy.id)
-        .bind(policy.version)
-        .bind(digital_consent)
-        .bind(deemed.map(|d| d.after.interval()))
-        .bind(deemed_rule.as_ref().map(sqlx::types::Json))
-        .bind(&respond_by_warning)
-        .bind(p.attachments.iter().map(|(d, _)| d.n).collect::<Vec<_>>())
-        .bind(p.attachments.iter().map(|(d, _)| d.name.as_str()).collect::<Vec<_>>())
-        .bind(p.attachments.iter().map(|(d, _)| d.content_type.as_str()).collect::<Vec<_>>())
-        .bind(p.attachments.iter().map(|(d, _)| d.size).collect::<Vec<_>>())
-        .bind(p.attachments.iter().map(|(d, _)| d.sha256.as_str()).collect::<Vec<_>>())
-        .bind(p.attachments.iter().map(|(_, data)| data.as_slice()).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.channel).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.address.as_str()).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.subject.as_deref()).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.text.as_str()).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.html.as_deref()).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.encoding.as_deref()).collect::<Vec<_>>())
-        .bind(notices.iter().map(|n| n.segments).collect::<Vec<_>>())
-        .bind(&steps.ids)
-        .bind(&steps.seqs)
-        .bind(&steps.channels)
-        .bind(&steps.due)
-        .bind(&steps.unless)
-        .bind(&attempt_ids)
-        .bind(started.iter().map(|(id, _)| *id).collect::<Vec<_>>())
-        .bind(started.iter().map(|(_, channel)| *channel).collect::<Vec<_>>())
-        .bind(DELIVERY_EXCHANGE)
-        .bind(&envelopes);
-    let claimed: i64 = sqlx::Row::get(&evidence.bind(q).fetch_one(&state.pool).await?, 0);
-    if claimed == 0 {
-        return replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256).await?.ok_or_else(|| {
-            ApiError::Conflict {
-                field: Some("Idempotency-Key".into()),
-                detail: "a request with this key is in progress".into(),
-            }
-        });
-    }
+    let reference = p.reference;
+    let row = intake::Row {
+        key: key.to_string(),
+        request_sha256: request_sha256.to_string(),
+        item: item_ctx,
+        recipient_id,
+        template: p.template,
+        language: p.language.as_str(),
+        personalisation: Value::Object(p.personalisation),
+        subject: rendered.subject,
+        content_html: rendered.html,
+        content_sha256,
+        respond_by: p.respond_by,
+        digital_consent,
+        deemed_after: deemed.map(|d| d.after.interval()),
+        deemed_rule,
+        respond_by_warning: respond_by_warning.clone(),
+        attachments: p.attachments,
+        notices,
+        steps,
+        attempts,
+        acceptance,
+    };
+    // Committed, with whatever other submissions were written alongside, before the answer.
+    let Some(appended) = state.intake.write(row).await? else { return Ok(None) };
 
     crate::outbox::wake();
     tracing::info!(%item_id, %trace_id, agency = agency.code, kind = p.kind.as_str(), "accepted");
@@ -444,79 +445,12 @@ pub async fn submit(
     let body = SubmitResponse {
         id: item_id,
         status: "accepted".into(),
-        reference: p.reference,
+        reference,
         respond_by_warning,
-        evidence: evidence.appended[0].stored(),
+        evidence: appended.stored(),
     };
-    Ok(accepted(body))
+    Ok(Some(accepted(body)))
 }
-
-/// The rows of an item's steps, as the arrays the submission statement binds.
-#[derive(Default)]
-struct StepRows<'a> {
-    ids: Vec<Uuid>,
-    seqs: Vec<i32>,
-    channels: Vec<&'a str>,
-    due: Vec<Option<DateTime<Utc>>>,
-    unless: Vec<Option<&'static str>>,
-}
-
-impl<'a> StepRows<'a> {
-    fn push(&mut self, id: Uuid, seq: i32, channel: &'a str, due: Option<DateTime<Utc>>, unless: Option<&'static str>) {
-        self.ids.push(id);
-        self.seqs.push(seq);
-        self.channels.push(channel);
-        self.due.push(due);
-        self.unless.push(unless);
-    }
-}
-
-/// A submission in one statement: the key's claim, the item and what it needs, and (after the
-/// item's 43 parameters) its evidence and callbacks, written only when the claim succeeded.
-static SUBMIT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "with claim as (
-            insert into idempotency (agency_id, key, request_sha256, item_id) values ($1, $2, $3, $4)
-            on conflict do nothing returning item_id
-         ), it as (
-            insert into item (id, agency_id, recipient_id, kind, template, language, reference, personalisation,
-                              subject, content_html, content_sha256, respond_by, policy_id, policy_version, status,
-                              digital_consent, deemed_after, deemed_rule, respond_by_warning)
-            select item_id, $1, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, 'accepted', $17,
-                   $18::text::interval, $19, $20
-            from claim returning id
-         ), att as (
-            insert into attachment (item_id, n, name, content_type, size, sha256, data)
-            select it.id, x.n, x.name, x.ct, x.size, x.sha, x.data from it,
-                   unnest($21::int[], $22::text[], $23::text[], $24::int[], $25::text[], $26::bytea[])
-                   as x(n, name, ct, size, sha, data)
-         ), nt as (
-            insert into notice (item_id, channel, address, subject, body_text, body_html, encoding, segments)
-            select it.id, x.* from it,
-                   unnest($27::text[], $28::text[], $29::text[], $30::text[], $31::text[], $32::text[], $33::int[]) as x
-         ), st as (
-            insert into step (id, item_id, seq, channel, status, due_at, unless_condition)
-            select x.id, it.id, x.seq, x.channel, case when x.due_at is null then 'queued' else 'scheduled' end,
-                   x.due_at, x.u
-            from it, unnest($34::uuid[], $35::int[], $36::text[], $37::timestamptz[], $38::text[])
-                 as x(id, seq, channel, due_at, u)
-            returning id, due_at
-         ), tm as (
-            insert into timer (id, kind, item_id, step_id, due_at)
-            select gen_random_uuid(), 'escalate', $4, id, due_at from st where due_at is not null
-         ), att2 as (
-            insert into attempt (id, step_id, item_id, channel, status)
-            select x.id, x.step_id, it.id, x.channel, 'queued' from it,
-                   unnest($39::uuid[], $40::uuid[], $41::text[]) as x(id, step_id, channel)
-         ), ob as (
-            insert into outbox (exchange, routing_key, message_id, payload)
-            select $42, x.channel, x.id, x.payload from it, unnest($39::uuid[], $41::text[], $43::jsonb[])
-                   as x(id, channel, payload)
-         ), {}
-         select count(*) from claim",
-        evidence::ctes(43, "exists (select 1 from it)")
-    )
-});
 
 fn accepted(body: SubmitResponse) -> Response {
     let item_id = body.id;
@@ -975,14 +909,14 @@ struct RecipientRow {
 }
 
 /// A notice fixed at submission.
-struct Notice {
-    channel: &'static str,
-    address: String,
-    subject: Option<String>,
-    text: String,
-    html: Option<String>,
-    encoding: Option<String>,
-    segments: Option<i32>,
+pub struct Notice {
+    pub channel: &'static str,
+    pub address: String,
+    pub subject: Option<String>,
+    pub text: String,
+    pub html: Option<String>,
+    pub encoding: Option<String>,
+    pub segments: Option<i32>,
 }
 
 impl Notice {

@@ -7,6 +7,7 @@ pub mod correspondence;
 pub mod error;
 pub mod health;
 pub mod inbox;
+pub mod intake;
 pub mod log;
 pub mod openapi;
 pub mod postal;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub identity: Arc<Verifier>,
     pub broker: Arc<health::BrokerProbe>,
     pub pages: Arc<crate::web::Pages>,
+    /// Where submissions are written, together with those that arrive alongside.
+    pub intake: intake::Intake,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -7,6 +7,7 @@ mod browser;
 mod callbacks;
 mod demo;
 mod faults;
+mod group_commit;
 mod helpers;
 mod idempotency;
 mod notices;

@@ -1,0 +1,110 @@
+//! Submissions that arrive together are written together (one statement, one transaction),
+//! and each is still its own: its own claim, its own rows, its own error.
+
+use std::collections::HashSet;
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::helpers::{summons, Options, TestApp};
+
+/// One statement in flight, so submissions that arrive meanwhile must share the next one.
+fn one_at_a_time() -> Options {
+    Options { tweak: |s| s.api.intake_concurrency = 1, ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_share_transactions_and_keep_their_own_rows() {
+    let app = TestApp::spawn_with(one_at_a_time()).await;
+    let key = app.agency("court-gc").await;
+    let (pinfl, _) = app.citizen("3120588010031").await;
+    let n = 40;
+    let bodies: Vec<Value> = (0..n)
+        .map(|i| {
+            let mut b = summons(pinfl.as_str());
+            b["reference"] = format!("2-{i}/2026").into();
+            b
+        })
+        .collect();
+    let keys: Vec<String> = (0..n).map(|i| format!("gc-{i}")).collect();
+    let answers = futures_util::future::join_all(keys.iter().zip(&bodies).map(|(k, b)| app.submit(&key, k, b))).await;
+    let mut ids = HashSet::new();
+    for (i, a) in answers.into_iter().enumerate() {
+        assert_eq!(a.status(), 202);
+        let v: Value = a.json().await.unwrap();
+        // Each answer is its own item's, with its own acceptance record.
+        assert_eq!(v["reference"], format!("2-{i}/2026"));
+        assert_eq!(v["evidence"]["event"], "SubmissionAcceptance");
+        let id = v["id"].as_str().unwrap().to_string();
+        let stored: String = sqlx::query_scalar("select reference from item where id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        assert_eq!(stored, format!("2-{i}/2026"));
+        let accepted: Uuid = sqlx::query_scalar(
+            "select evidence_id from evidence where item_id = $1::uuid and event = 'SubmissionAcceptance'",
+        )
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(accepted.to_string(), v["evidence"]["evidence_id"].as_str().unwrap());
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), n);
+    // Items written by one statement carry its transaction's id.
+    let transactions = app.count("select count(distinct xmin::text) from item").await;
+    assert!(transactions < n as i64, "{n} submissions in {transactions} transactions: none were grouped");
+    assert_eq!(app.count("select count(*) from idempotency").await, n as i64);
+    assert_eq!(app.count("select count(*) from attachment").await, n as i64);
+    assert_eq!(app.count("select count(*) from evidence where event = 'SubmissionAcceptance'").await, n as i64);
+    // Every item is delivered as if it had come alone.
+    for id in &ids {
+        app.wait_for_status(&key, id, &["consigned"]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_that_fails_to_write_fails_alone() {
+    let app = TestApp::spawn_with(one_at_a_time()).await;
+    let key = app.agency("court-gf").await;
+    let (pinfl, _) = app.citizen("3120588010032").await;
+    // A fault only the database sees: one reference cannot be written.
+    sqlx::raw_sql(
+        "create function refuse_poison() returns trigger language plpgsql as $$
+         begin
+            if new.reference = 'poison' then raise exception 'injected fault'; end if;
+            return new;
+         end $$;
+         create trigger refuse_poison before insert on item for each row execute function refuse_poison();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let n = 30;
+    let poison = 17;
+    let bodies: Vec<Value> = (0..n)
+        .map(|i| {
+            let mut b = summons(pinfl.as_str());
+            b["reference"] = if i == poison { "poison".into() } else { format!("2-{i}/2026").into() };
+            b
+        })
+        .collect();
+    let keys: Vec<String> = (0..n).map(|i| format!("gf-{i}")).collect();
+    let answers = futures_util::future::join_all(keys.iter().zip(&bodies).map(|(k, b)| app.submit(&key, k, b))).await;
+    for (i, a) in answers.into_iter().enumerate() {
+        if i == poison {
+            assert_eq!(a.status(), 500);
+        } else {
+            assert_eq!(a.status(), 202, "submission {i}");
+        }
+    }
+    assert_eq!(app.count("select count(*) from item").await, n as i64 - 1);
+    // The failed one left nothing, not even its key: a retry can succeed.
+    assert_eq!(app.count("select count(*) from idempotency where key = 'gf-17'").await, 0);
+    assert_eq!(app.count("select count(*) from evidence where event = 'SubmissionAcceptance'").await, n as i64 - 1);
+    sqlx::query("drop trigger refuse_poison on item").execute(&app.pool).await.unwrap();
+    assert_eq!(app.submit(&key, "gf-17", &bodies[poison]).await.status(), 202);
+    assert_eq!(app.count("select count(*) from item where reference = 'poison'").await, 1);
+}
