@@ -85,6 +85,11 @@ impl App {
         } else {
             None
         };
+        let group = crate::group::Limits {
+            jobs: settings.api.group_items,
+            bytes: settings.api.group_bytes,
+            concurrency: settings.api.group_concurrency,
+        };
         let state = AppState {
             pool: pool.clone(),
             settings: Arc::new(settings.clone()),
@@ -93,14 +98,8 @@ impl App {
             identity: Arc::new(identity),
             broker: Arc::new(BrokerProbe::default()),
             pages: Arc::new(crate::web::Pages::load(&settings.templates_dir.join("web"))?),
-            intake: crate::api::intake::Intake::start(
-                pool.clone(),
-                crate::api::intake::Limits {
-                    batch: settings.api.intake_batch,
-                    bytes: settings.api.intake_bytes,
-                    concurrency: settings.api.intake_concurrency,
-                },
-            ),
+            intake: crate::api::intake::Intake::start(pool.clone(), group),
+            reports: crate::api::providers::Reports::start(pool.clone(), group),
         };
         Ok(App { settings, pool, topology, listener, state })
     }

@@ -50,12 +50,13 @@ pub struct DatabaseSettings {
 pub struct ApiSettings {
     pub max_body_bytes: usize,
     pub max_page_size: i64,
-    /// Submissions written in one statement, at most (group commit).
-    pub intake_batch: usize,
+    /// Writes of concurrent requests (submissions, SMS delivery reports) done in one statement,
+    /// at most (group commit).
+    pub group_items: usize,
     /// Bytes of content in one such statement, at most; a bigger submission is written alone.
-    pub intake_bytes: usize,
-    /// Such statements in flight at once.
-    pub intake_concurrency: usize,
+    pub group_bytes: usize,
+    /// Such statements in flight at once, per kind of write.
+    pub group_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -28,6 +28,7 @@ pub mod db;
 pub mod demo;
 pub mod domain;
 pub mod evidence;
+pub mod group;
 pub mod identity;
 pub mod letter;
 pub mod log;

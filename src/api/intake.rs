@@ -5,25 +5,21 @@
 //! Written one transaction per request, each item paid for its own statement start-up, plan,
 //! round trip and commit, and those, not the rows, were most of PostgreSQL's work.
 //!
-//! So submissions that arrive together are written together: a request hands its prepared rows
-//! to the intake and waits. The intake takes what has queued while its earlier writes were in
-//! flight (up to `api.intake_batch` items or `api.intake_bytes` of content) and writes it in one
-//! statement, so one transaction. A lone request waits for nobody: it is written at once.
+//! So submissions that arrive together are written together ([`crate::group`]): one statement,
+//! one transaction, for up to `api.group_items` items.
 //!
 //! Each item is claimed by its own key: an item whose key another request holds is not
 //! written, and that request answers as a replay. If the shared statement fails, each item is
 //! written again alone, so one item's fault is its own request's error and no other's.
 
-use std::sync::Arc;
-
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot, Semaphore};
 use uuid::Uuid;
 
 use super::correspondence::{AttachmentDigest, Notice};
 use crate::evidence::{self, Appended, ItemContext, NewEvidence};
+use crate::group::{Group, Limits, Pending};
 use crate::queue::{Envelope, DELIVERY_EXCHANGE};
 
 /// An item ready to be written: everything a submission decided before the database.
@@ -51,15 +47,6 @@ pub struct Row {
     pub acceptance: NewEvidence,
 }
 
-impl Row {
-    /// Bytes of content it carries, which bound a batch.
-    fn weight(&self) -> usize {
-        self.content_html.len()
-            + self.attachments.iter().map(|(_, data)| data.len()).sum::<usize>()
-            + self.notices.iter().map(|n| n.text.len() + n.html.as_ref().map_or(0, String::len)).sum::<usize>()
-    }
-}
-
 /// A step of the item's policy.
 pub struct Step {
     pub id: Uuid,
@@ -82,97 +69,51 @@ pub struct Attempt {
 /// already claimed (by a finished request or one in flight).
 pub type Outcome = sqlx::Result<Option<Appended>>;
 
-struct Job {
-    row: Row,
-    reply: oneshot::Sender<Outcome>,
+impl crate::group::Job for Row {
+    fn weight(&self) -> usize {
+        self.content_html.len()
+            + self.attachments.iter().map(|(_, data)| data.len()).sum::<usize>()
+            + self.notices.iter().map(|n| n.text.len() + n.html.as_ref().map_or(0, String::len)).sum::<usize>()
+    }
+
+    /// The same key twice is for the claim to decide, one statement after the other.
+    fn conflicts(&self, other: &Self) -> bool {
+        self.key == other.key && self.item.agency_id == other.item.agency_id
+    }
 }
 
 /// The handle requests write through; cheap to clone.
 #[derive(Clone)]
-pub struct Intake {
-    jobs: mpsc::Sender<Job>,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Items written in one statement, at most.
-    pub batch: usize,
-    /// Bytes of content (pages, attachments, notices) in one statement, at most; a bigger
-    /// item is written alone.
-    pub bytes: usize,
-    /// Statements in flight at once.
-    pub concurrency: usize,
-}
+pub struct Intake(Group<Row, Outcome>);
 
 impl Intake {
     /// Starts the intake's task on the current runtime. It ends when the last handle is dropped.
     pub fn start(pool: PgPool, limits: Limits) -> Intake {
-        let (jobs, rx) = mpsc::channel(limits.batch.max(1) * limits.concurrency.max(1) * 4);
-        tokio::spawn(collect(pool, rx, limits));
-        Intake { jobs }
+        Intake(Group::start(limits, move |batch| write_batch(pool.clone(), batch)))
     }
 
     /// Writes one item, with whatever else is waiting, and returns when it is committed.
     pub async fn write(&self, row: Row) -> Outcome {
-        let (reply, answer) = oneshot::channel();
-        if self.jobs.send(Job { row, reply }).await.is_err() {
-            return Err(sqlx::Error::PoolClosed);
-        }
-        answer.await.unwrap_or(Err(sqlx::Error::PoolClosed))
+        self.0.run(row).await.unwrap_or(Err(sqlx::Error::PoolClosed))
     }
 }
 
-async fn collect(pool: PgPool, mut rx: mpsc::Receiver<Job>, limits: Limits) {
-    let permits = Arc::new(Semaphore::new(limits.concurrency.max(1)));
-    let mut held: Option<Job> = None;
-    loop {
-        // Wait for a free slot first: what queues meanwhile makes the next batch.
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
-        let first = match held.take() {
-            Some(job) => job,
-            None => match rx.recv().await {
-                Some(job) => job,
-                None => return,
-            },
-        };
-        let mut bytes = first.row.weight();
-        let mut batch = vec![first];
-        while batch.len() < limits.batch {
-            let Ok(job) = rx.try_recv() else { break };
-            let w = job.row.weight();
-            if bytes + w > limits.bytes {
-                held = Some(job);
-                break;
-            }
-            bytes += w;
-            batch.push(job);
-        }
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            write_batch(&pool, batch).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn write_batch(pool: &PgPool, mut jobs: Vec<Job>) {
+async fn write_batch(pool: PgPool, mut batch: Vec<Pending<Row, Outcome>>) {
     // Claims in one order, so two batches that share keys wait for each other, not deadlock.
-    jobs.sort_by(|a, b| (a.row.item.agency_id, &a.row.key).cmp(&(b.row.item.agency_id, &b.row.key)));
-    let rows: Vec<&Row> = jobs.iter().map(|j| &j.row).collect();
-    match write(pool, &rows).await {
+    batch.sort_by(|a, b| (a.job.item.agency_id, &a.job.key).cmp(&(b.job.item.agency_id, &b.job.key)));
+    let rows: Vec<&Row> = batch.iter().map(|p| &p.job).collect();
+    match write(&pool, &rows).await {
         Ok(outcomes) => {
-            for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                let _ = job.reply.send(Ok(outcome));
+            for (p, outcome) in batch.into_iter().zip(outcomes) {
+                p.answer(Ok(outcome));
             }
         }
-        Err(e) if jobs.len() == 1 => {
-            let _ = jobs.pop().expect("one job").reply.send(Err(e));
-        }
+        Err(e) if batch.len() == 1 => batch.pop().expect("one job").answer(Err(e)),
         Err(e) => {
-            tracing::warn!(items = jobs.len(), error = %e, "a batch of submissions failed; writing each alone");
-            for job in jobs {
-                let outcome = write(pool, &[&job.row]).await.map(|mut o| o.pop().flatten());
-                let _ = job.reply.send(outcome);
+            tracing::warn!(items = batch.len(), error = %e, "a batch of submissions failed; writing each alone");
+            for p in batch {
+                let outcome = write(&pool, &[&p.job]).await.map(|mut o| o.pop().flatten());
+                p.answer(outcome);
             }
         }
     }

@@ -40,6 +40,8 @@ pub struct AppState {
     pub pages: Arc<crate::web::Pages>,
     /// Where submissions are written, together with those that arrive alongside.
     pub intake: intake::Intake,
+    /// Where SMS delivery reports are written, likewise.
+    pub reports: providers::Reports,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -7,11 +7,13 @@ use axum::http::HeaderMap;
 use axum::Json;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
+use sqlx::{PgPool, Row};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use super::{ApiError, ApiResult, AppState, JsonBody};
 use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence};
+use crate::group::{Group, Pending};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct SmsReport {
@@ -27,18 +29,94 @@ pub struct SmsReport {
     pub error: Option<String>,
 }
 
+/// A final report for a message still awaiting one, ready to be written.
+pub struct Settlement {
+    provider: String,
+    provider_id: String,
+    provider_status: String,
+    attempt_id: Uuid,
+    final_status: &'static str,
+    item: ItemContext,
+    record: NewEvidence,
+}
+
+impl crate::group::Job for Settlement {
+    /// One report per item in a statement, so that what settles is what the evidence says.
+    fn conflicts(&self, other: &Self) -> bool {
+        self.item.item_id == other.item.item_id
+    }
+}
+
+/// Whether the report settled its message (`false`: another report did first).
+type Settled = sqlx::Result<bool>;
+
+/// Where delivery reports are written: those that arrive together, in one statement.
+#[derive(Clone)]
+pub struct Reports(Group<Settlement, Settled>);
+
+impl Reports {
+    pub fn start(pool: PgPool, limits: crate::group::Limits) -> Reports {
+        Reports(Group::start(limits, move |batch| settle_batch(pool.clone(), batch)))
+    }
+
+    async fn settle(&self, s: Settlement) -> Settled {
+        self.0.run(s).await.unwrap_or(Err(sqlx::Error::PoolClosed))
+    }
+}
+
+async fn settle_batch(pool: PgPool, mut batch: Vec<Pending<Settlement, Settled>>) {
+    let all: Vec<&Settlement> = batch.iter().map(|p| &p.job).collect();
+    match settle(&pool, &all).await {
+        Ok(settled) => {
+            for p in batch {
+                let s = settled.contains(&p.job.attempt_id);
+                p.answer(Ok(s));
+            }
+        }
+        Err(e) if batch.len() == 1 => batch.pop().expect("one report").answer(Err(e)),
+        Err(e) => {
+            tracing::warn!(reports = batch.len(), error = %e, "a batch of SMS reports failed; writing each alone");
+            for p in batch {
+                let settled = settle(&pool, &[&p.job]).await.map(|s| s.contains(&p.job.attempt_id));
+                p.answer(settled);
+            }
+        }
+    }
+}
+
+/// Writes reports in one statement; returns the attempts whose messages they settled.
+async fn settle(pool: &PgPool, reports: &[&Settlement]) -> sqlx::Result<Vec<Uuid>> {
+    let batch: Vec<(&ItemContext, Vec<NewEvidence>)> =
+        reports.iter().map(|r| (&r.item, vec![r.record.clone()])).collect();
+    let records = evidence::prepare(&batch);
+    let q = sqlx::query(&REPORT_SQL)
+        .bind(reports.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
+        .bind(reports.iter().map(|r| r.provider_id.as_str()).collect::<Vec<_>>())
+        .bind(reports.iter().map(|r| r.provider_status.as_str()).collect::<Vec<_>>())
+        .bind(reports.iter().map(|r| r.attempt_id).collect::<Vec<_>>())
+        .bind(reports.iter().map(|r| r.final_status).collect::<Vec<_>>());
+    records.bind(q).fetch_all(pool).await?.iter().map(|row| row.try_get(0)).collect()
+}
+
+/// One statement: each report is kept once; the first one for a message still awaiting it
+/// settles the message and writes the evidence. A repeated or late report changes nothing
+/// else, however many arrive at once (the unique report and the status condition decide).
 static REPORT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "with report as (
-            insert into sms_report (provider, provider_id, status) values ($1, $2, $3) on conflict do nothing
-            returning 1
+            insert into sms_report (provider, provider_id, status)
+            select * from unnest($1::text[], $2::text[], $3::text[])
+            on conflict do nothing returning provider, provider_id, status
          ), settled as (
-            update sms_message set status = $5, reported_at = now()
-            where attempt_id = $4 and status = 'accepted' and exists (select 1 from report)
-            returning 1
+            update sms_message m set status = x.final, reported_at = now()
+            from unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::text[])
+                 as x(provider, provider_id, status, attempt_id, final)
+            where m.attempt_id = x.attempt_id and m.status = 'accepted'
+              and (x.provider, x.provider_id, x.status) in (select provider, provider_id, status from report)
+            returning m.attempt_id, m.item_id
          ), {}
-         select exists (select 1 from settled)",
-        evidence::ctes(5, "exists (select 1 from settled)")
+         select attempt_id from settled",
+        evidence::ctes(5, "item_id in (select item_id from settled)")
     )
 });
 
@@ -108,34 +186,32 @@ pub async fn sms_report(
         return Ok(Json(serde_json::json!({ "taken": false, "reason": "already reported" })));
     }
     let final_status = if event == Event::NotificationDelivered { "delivered" } else { "failed" };
-    let batch = [(
-        &ctx,
-        vec![NewEvidence {
-            event,
-            at: evidence::now(),
-            actor: Actor::Platform(format!("provider:{provider}")),
-            channel: Some("sms".into()),
-            details: serde_json::json!({
-                "attempt_id": attempt_id,
-                "provider_message_id": report.id,
-                "provider_status": report.status,
-                "provider_time": report.at,
-                "error": report.error,
-            }),
-            digests: None,
-        }],
-    )];
-    let records = evidence::prepare(&batch);
-    // One statement: the report is kept once; the first one for a message still awaiting it
-    // settles the message and writes the evidence. A repeated or late report changes nothing
-    // else, however many arrive at once (the unique report and the status condition decide).
-    let q = sqlx::query(&REPORT_SQL)
-        .bind(&provider)
-        .bind(&report.id)
-        .bind(&report.status)
-        .bind(attempt_id)
-        .bind(final_status);
-    let settled: bool = sqlx::Row::get(&records.bind(q).fetch_one(&state.pool).await?, 0);
+    let record = NewEvidence {
+        event,
+        at: evidence::now(),
+        actor: Actor::Platform(format!("provider:{provider}")),
+        channel: Some("sms".into()),
+        details: serde_json::json!({
+            "attempt_id": attempt_id,
+            "provider_message_id": report.id,
+            "provider_status": report.status,
+            "provider_time": report.at,
+            "error": report.error,
+        }),
+        digests: None,
+    };
+    let settled = state
+        .reports
+        .settle(Settlement {
+            provider,
+            provider_id: report.id,
+            provider_status: report.status,
+            attempt_id,
+            final_status,
+            item: ctx,
+            record,
+        })
+        .await?;
     if !settled {
         return Ok(Json(serde_json::json!({ "taken": false, "reason": "already reported" })));
     }

@@ -10,7 +10,7 @@ use crate::helpers::{summons, Options, TestApp};
 
 /// One statement in flight, so submissions that arrive meanwhile must share the next one.
 fn one_at_a_time() -> Options {
-    Options { tweak: |s| s.api.intake_concurrency = 1, ..Default::default() }
+    Options { tweak: |s| s.api.group_concurrency = 1, ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,4 +107,64 @@ async fn a_submission_that_fails_to_write_fails_alone() {
     sqlx::query("drop trigger refuse_poison on item").execute(&app.pool).await.unwrap();
     assert_eq!(app.submit(&key, "gf-17", &bodies[poison]).await.status(), 202);
     assert_eq!(app.count("select count(*) from item where reference = 'poison'").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_that_arrive_together_settle_each_message_once() {
+    let app = TestApp::spawn_with(one_at_a_time()).await;
+    // The simulator's own reports come too late to matter: these are the test's.
+    app.sms.set(dalil::sim::Behaviour { report_delay_ms: 120_000, ..Default::default() }).await;
+    let key = app.agency("court-gr").await;
+    let items = 5;
+    for i in 0..items {
+        let (pinfl, _) =
+            app.citizen_with(&format!("31205880100{}", 40 + i), Some(&format!("+99890123450{i}")), None).await;
+        assert_eq!(app.submit(&key, &format!("gr-{i}"), &summons(pinfl.as_str())).await.status(), 202);
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app.count("select count(*) from sms_message where status = 'accepted'").await < items {
+        assert!(tokio::time::Instant::now() < deadline, "the SMS notices were not sent");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let provider_ids: Vec<String> =
+        sqlx::query_scalar("select provider_id from sms_message").fetch_all(&app.pool).await.unwrap();
+    // Six reports per message, at once: three say delivered, three undelivered, and repeats.
+    let url = app.url("/v1/providers/sms/sim/reports");
+    let posts = provider_ids.iter().flat_map(|id| {
+        ["delivered", "undelivered", "delivered", "undelivered", "delivered", "undelivered"].map(|status| {
+            app.client
+                .post(&url)
+                .bearer_auth("test-report-secret")
+                .json(&serde_json::json!({ "id": id, "status": status }))
+                .send()
+        })
+    });
+    let answers = futures_util::future::join_all(posts).await;
+    let mut taken = 0;
+    for a in answers {
+        let a = a.unwrap();
+        assert_eq!(a.status(), 200);
+        let v: Value = a.json().await.unwrap();
+        taken += i64::from(v["taken"] == true);
+    }
+    assert_eq!(taken, items, "each message is settled by one report");
+    // One record per message, and it says what the message's status says.
+    assert_eq!(
+        app.count(
+            "select count(*) from sms_message m join evidence e on e.item_id = m.item_id and e.channel = 'sms'
+             and e.event = case m.status when 'delivered' then 'NotificationDelivered'
+                                         else 'ConsignmentNotificationFailure' end
+             where m.status in ('delivered', 'failed')"
+        )
+        .await,
+        items
+    );
+    assert_eq!(
+        app.count(
+            "select count(*) from evidence
+             where event in ('NotificationDelivered', 'ConsignmentNotificationFailure')"
+        )
+        .await,
+        items
+    );
 }
