@@ -147,33 +147,58 @@ struct JobRow {
     status: String,
     #[sqlx(flatten)]
     item: ItemContext,
+    notice_address: Option<String>,
+    notice_subject: Option<String>,
+    notice_text: Option<String>,
+    notice_html: Option<String>,
+    notice_encoding: Option<String>,
+    notice_segments: Option<i32>,
+}
+
+impl JobRow {
+    fn job(self) -> (Job, String) {
+        let notice = match (self.notice_address, self.notice_text) {
+            (Some(address), Some(text)) => Some(crate::channels::Notice {
+                address,
+                subject: self.notice_subject,
+                text,
+                html: self.notice_html,
+                encoding: self.notice_encoding,
+                segments: self.notice_segments,
+            }),
+            _ => None,
+        };
+        let job = Job {
+            attempt_id: self.attempt_id,
+            step_id: self.step_id,
+            recipient_id: self.recipient_id,
+            item: self.item,
+            notice,
+        };
+        (job, self.status)
+    }
 }
 
 const JOB_QUERY: &str = "select a.id as attempt_id, a.step_id, i.recipient_id, a.status,
         i.id as item_id, ag.id as agency_id, ag.code as agency_code, i.kind, i.reference,
         case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
-        coalesce(r.pinfl, r.tin) as recipient_value, i.policy_id, i.policy_version
+        coalesce(r.pinfl, r.tin) as recipient_value, i.policy_id, i.policy_version,
+        n.address as notice_address, n.subject as notice_subject, n.body_text as notice_text,
+        n.body_html as notice_html, n.encoding as notice_encoding, n.segments as notice_segments
      from attempt a join item i on i.id = a.item_id join agency ag on ag.id = i.agency_id
      join recipient r on r.id = i.recipient_id
+     left join notice n on n.item_id = a.item_id and n.channel = a.channel
      where a.id = any($1)";
 
 /// The jobs of these attempts and their statuses, in one query.
 async fn load_jobs(pool: &PgPool, attempt_ids: &[Uuid]) -> sqlx::Result<HashMap<Uuid, (Job, String)>> {
     let rows: Vec<JobRow> = sqlx::query_as(JOB_QUERY).bind(attempt_ids).fetch_all(pool).await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let job = Job { attempt_id: r.attempt_id, step_id: r.step_id, recipient_id: r.recipient_id, item: r.item };
-            (r.attempt_id, (job, r.status))
-        })
-        .collect())
+    Ok(rows.into_iter().map(|r| (r.attempt_id, r.job())).collect())
 }
 
 async fn load_job(conn: &mut sqlx::PgConnection, attempt_id: Uuid) -> Result<Option<(Job, String)>, sqlx::Error> {
     let row: Option<JobRow> = sqlx::query_as(JOB_QUERY).bind([attempt_id]).fetch_optional(conn).await?;
-    Ok(row.map(|r| {
-        (Job { attempt_id: r.attempt_id, step_id: r.step_id, recipient_id: r.recipient_id, item: r.item }, r.status)
-    }))
+    Ok(row.map(JobRow::job))
 }
 
 /// Records what the channel did for these jobs, in one transaction and about ten statements

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::correspondence::{AttachmentDigest, Notice};
 use crate::evidence::{self, Appended, ItemContext, NewEvidence};
-use crate::group::{Group, Limits, Pending};
+use crate::group::{self, Group, Limits, Pending};
 use crate::queue::{Envelope, DELIVERY_EXCHANGE};
 
 /// An item ready to be written: everything a submission decided before the database.
@@ -101,22 +101,7 @@ impl Intake {
 async fn write_batch(pool: PgPool, mut batch: Vec<Pending<Row, Outcome>>) {
     // Claims in one order, so two batches that share keys wait for each other, not deadlock.
     batch.sort_by(|a, b| (a.job.item.agency_id, &a.job.key).cmp(&(b.job.item.agency_id, &b.job.key)));
-    let rows: Vec<&Row> = batch.iter().map(|p| &p.job).collect();
-    match write(&pool, &rows).await {
-        Ok(outcomes) => {
-            for (p, outcome) in batch.into_iter().zip(outcomes) {
-                p.answer(Ok(outcome));
-            }
-        }
-        Err(e) if batch.len() == 1 => batch.pop().expect("one job").answer(Err(e)),
-        Err(e) => {
-            tracing::warn!(items = batch.len(), error = %e, "a batch of submissions failed; writing each alone");
-            for p in batch {
-                let outcome = write(&pool, &[&p.job]).await.map(|mut o| o.pop().flatten());
-                p.answer(outcome);
-            }
-        }
-    }
+    group::together_or_alone(&pool, batch, "submissions", |pool, rows| Box::pin(write(pool, rows))).await
 }
 
 /// Writes rows in one statement; for each, its acceptance record if its key was claimed.

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::{ApiError, ApiResult, AppState, JsonBody};
 use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence};
-use crate::group::{Group, Pending};
+use crate::group::{self, Group, Pending};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct SmsReport {
@@ -29,72 +29,133 @@ pub struct SmsReport {
     pub error: Option<String>,
 }
 
-/// A final report for a message still awaiting one, ready to be written.
-pub struct Settlement {
+/// A final delivery report, to be taken.
+pub struct Report {
     provider: String,
-    provider_id: String,
-    provider_status: String,
+    report: SmsReport,
+    event: Event,
+}
+
+impl crate::group::Job for Report {}
+
+/// What became of a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// It settled its message: the evidence is written.
+    Settled,
+    /// Another report settled the message first.
+    AlreadyReported,
+    /// No message of ours has this id (yet, or it is a sign-in code's).
+    Unknown,
+}
+
+type Outcome = sqlx::Result<Taken>;
+
+/// Where delivery reports are taken: those that arrive together are looked up in one query
+/// and settled in one statement.
+#[derive(Clone)]
+pub struct Reports(Group<Report, Outcome>);
+
+impl Reports {
+    pub fn start(pool: PgPool, limits: crate::group::Limits) -> Reports {
+        Reports(Group::start(limits, move |batch| take_batch(pool.clone(), batch)))
+    }
+
+    async fn take(&self, r: Report) -> Outcome {
+        self.0.run(r).await.unwrap_or(Err(sqlx::Error::PoolClosed))
+    }
+}
+
+async fn take_batch(pool: PgPool, batch: Vec<Pending<Report, Outcome>>) {
+    group::together_or_alone(&pool, batch, "SMS reports", |pool, reports| Box::pin(take_all(pool, reports))).await
+}
+
+/// A report for a message still awaiting one, ready to be written.
+struct Settlement<'a> {
+    report: &'a Report,
     attempt_id: Uuid,
-    final_status: &'static str,
     item: ItemContext,
     record: NewEvidence,
 }
 
-impl crate::group::Job for Settlement {
-    /// One report per item in a statement, so that what settles is what the evidence says.
-    fn conflicts(&self, other: &Self) -> bool {
-        self.item.item_id == other.item.item_id
+/// Takes reports: looks their messages up in one query, then settles them in one statement,
+/// or a few when two are about one item (each statement settles one report per item, so what
+/// it settles is what its evidence says).
+async fn take_all(pool: &PgPool, reports: &[&Report]) -> sqlx::Result<Vec<Taken>> {
+    let found: Vec<ReportedMessage> = sqlx::query_as(
+        "select m.provider, m.provider_id, m.attempt_id, m.status, i.id as item_id, a.id as agency_id,
+                a.code as agency_code, i.kind, i.reference,
+                case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
+                coalesce(r.pinfl, r.tin) as recipient_value, i.policy_id, i.policy_version
+         from sms_message m join item i on i.id = m.item_id join agency a on a.id = i.agency_id
+         join recipient r on r.id = i.recipient_id
+         where (m.provider, m.provider_id) in (select * from unnest($1::text[], $2::text[]))",
+    )
+    .bind(reports.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
+    .bind(reports.iter().map(|r| r.report.id.as_str()).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?;
+    let mut taken = vec![Taken::Unknown; reports.len()];
+    let mut waiting: Vec<(usize, Settlement)> = Vec::new();
+    for (n, r) in reports.iter().enumerate() {
+        let Some(m) = found.iter().find(|m| m.provider == r.provider && m.provider_id == r.report.id) else {
+            continue;
+        };
+        if m.status != "accepted" {
+            taken[n] = Taken::AlreadyReported;
+            continue;
+        }
+        let record = NewEvidence {
+            event: r.event,
+            at: evidence::now(),
+            actor: Actor::Platform(format!("provider:{}", r.provider)),
+            channel: Some("sms".into()),
+            details: serde_json::json!({
+                "attempt_id": m.attempt_id,
+                "provider_message_id": r.report.id,
+                "provider_status": r.report.status,
+                "provider_time": r.report.at,
+                "error": r.report.error,
+            }),
+            digests: None,
+        };
+        waiting.push((n, Settlement { report: r, attempt_id: m.attempt_id, item: m.item.clone(), record }));
     }
-}
-
-/// Whether the report settled its message (`false`: another report did first).
-type Settled = sqlx::Result<bool>;
-
-/// Where delivery reports are written: those that arrive together, in one statement.
-#[derive(Clone)]
-pub struct Reports(Group<Settlement, Settled>);
-
-impl Reports {
-    pub fn start(pool: PgPool, limits: crate::group::Limits) -> Reports {
-        Reports(Group::start(limits, move |batch| settle_batch(pool.clone(), batch)))
-    }
-
-    async fn settle(&self, s: Settlement) -> Settled {
-        self.0.run(s).await.unwrap_or(Err(sqlx::Error::PoolClosed))
-    }
-}
-
-async fn settle_batch(pool: PgPool, mut batch: Vec<Pending<Settlement, Settled>>) {
-    let all: Vec<&Settlement> = batch.iter().map(|p| &p.job).collect();
-    match settle(&pool, &all).await {
-        Ok(settled) => {
-            for p in batch {
-                let s = settled.contains(&p.job.attempt_id);
-                p.answer(Ok(s));
+    while !waiting.is_empty() {
+        let mut round: Vec<(usize, Settlement)> = Vec::new();
+        let mut later = Vec::new();
+        for w in waiting {
+            if round.iter().any(|(_, s)| s.item.item_id == w.1.item.item_id) {
+                later.push(w);
+            } else {
+                round.push(w);
             }
         }
-        Err(e) if batch.len() == 1 => batch.pop().expect("one report").answer(Err(e)),
-        Err(e) => {
-            tracing::warn!(reports = batch.len(), error = %e, "a batch of SMS reports failed; writing each alone");
-            for p in batch {
-                let settled = settle(&pool, &[&p.job]).await.map(|s| s.contains(&p.job.attempt_id));
-                p.answer(settled);
-            }
+        let settled = settle(pool, &round).await?;
+        for (n, s) in &round {
+            taken[*n] = if settled.contains(&s.attempt_id) { Taken::Settled } else { Taken::AlreadyReported };
         }
+        waiting = later;
     }
+    Ok(taken)
 }
 
 /// Writes reports in one statement; returns the attempts whose messages they settled.
-async fn settle(pool: &PgPool, reports: &[&Settlement]) -> sqlx::Result<Vec<Uuid>> {
+async fn settle(pool: &PgPool, round: &[(usize, Settlement<'_>)]) -> sqlx::Result<Vec<Uuid>> {
     let batch: Vec<(&ItemContext, Vec<NewEvidence>)> =
-        reports.iter().map(|r| (&r.item, vec![r.record.clone()])).collect();
+        round.iter().map(|(_, s)| (&s.item, vec![s.record.clone()])).collect();
     let records = evidence::prepare(&batch);
     let q = sqlx::query(&REPORT_SQL)
-        .bind(reports.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
-        .bind(reports.iter().map(|r| r.provider_id.as_str()).collect::<Vec<_>>())
-        .bind(reports.iter().map(|r| r.provider_status.as_str()).collect::<Vec<_>>())
-        .bind(reports.iter().map(|r| r.attempt_id).collect::<Vec<_>>())
-        .bind(reports.iter().map(|r| r.final_status).collect::<Vec<_>>());
+        .bind(round.iter().map(|(_, s)| s.report.provider.as_str()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, s)| s.report.report.id.as_str()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, s)| s.report.report.status.as_str()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, s)| s.attempt_id).collect::<Vec<_>>())
+        .bind(
+            round
+                .iter()
+                .map(|(_, s)| if s.report.event == Event::NotificationDelivered { "delivered" } else { "failed" })
+                .collect::<Vec<_>>(),
+        );
     records.bind(q).fetch_all(pool).await?.iter().map(|row| row.try_get(0)).collect()
 }
 
@@ -122,6 +183,8 @@ static REPORT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 
 #[derive(sqlx::FromRow)]
 struct ReportedMessage {
+    provider: String,
+    provider_id: String,
     attempt_id: Uuid,
     status: String,
     #[sqlx(flatten)]
@@ -157,63 +220,21 @@ pub async fn sms_report(
         }
         _ => return Ok(Json(serde_json::json!({ "taken": false, "reason": "not a final status" }))),
     };
-    // The message, with what its evidence names.
-    let message: Option<ReportedMessage> = sqlx::query_as(
-        "select m.attempt_id, m.status, i.id as item_id, a.id as agency_id, a.code as agency_code, i.kind,
-                i.reference, case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
-                coalesce(r.pinfl, r.tin) as recipient_value, i.policy_id, i.policy_version
-         from sms_message m join item i on i.id = m.item_id join agency a on a.id = i.agency_id
-         join recipient r on r.id = i.recipient_id
-         where m.provider = $1 and m.provider_id = $2",
-    )
-    .bind(&provider)
-    .bind(&report.id)
-    .fetch_optional(&state.pool)
-    .await?;
-    // A report can outrun our own commit of the send: the provider retries a 404.
-    let Some(ReportedMessage { attempt_id, status, item: ctx }) = message else {
-        // A sign-in code of the web inbox: taken, nothing to record.
-        let otp: bool = sqlx::query_scalar("select exists (select 1 from otp_challenge where provider_ref = $1)")
-            .bind(&report.id)
-            .fetch_one(&state.pool)
-            .await?;
-        if otp {
-            return Ok(Json(serde_json::json!({ "taken": true, "reason": "a sign-in code" })));
+    let id = report.id.clone();
+    match state.reports.take(Report { provider, report, event }).await? {
+        Taken::Settled => Ok(Json(serde_json::json!({ "taken": true }))),
+        Taken::AlreadyReported => Ok(Json(serde_json::json!({ "taken": false, "reason": "already reported" }))),
+        Taken::Unknown => {
+            // A sign-in code of the web inbox: taken, nothing to record.
+            let otp: bool = sqlx::query_scalar("select exists (select 1 from otp_challenge where provider_ref = $1)")
+                .bind(&id)
+                .fetch_one(&state.pool)
+                .await?;
+            if otp {
+                return Ok(Json(serde_json::json!({ "taken": true, "reason": "a sign-in code" })));
+            }
+            // A report can outrun our own commit of the send: the provider retries a 404.
+            Err(ApiError::NotFound)
         }
-        return Err(ApiError::NotFound);
-    };
-    if status != "accepted" {
-        return Ok(Json(serde_json::json!({ "taken": false, "reason": "already reported" })));
     }
-    let final_status = if event == Event::NotificationDelivered { "delivered" } else { "failed" };
-    let record = NewEvidence {
-        event,
-        at: evidence::now(),
-        actor: Actor::Platform(format!("provider:{provider}")),
-        channel: Some("sms".into()),
-        details: serde_json::json!({
-            "attempt_id": attempt_id,
-            "provider_message_id": report.id,
-            "provider_status": report.status,
-            "provider_time": report.at,
-            "error": report.error,
-        }),
-        digests: None,
-    };
-    let settled = state
-        .reports
-        .settle(Settlement {
-            provider,
-            provider_id: report.id,
-            provider_status: report.status,
-            attempt_id,
-            final_status,
-            item: ctx,
-            record,
-        })
-        .await?;
-    if !settled {
-        return Ok(Json(serde_json::json!({ "taken": false, "reason": "already reported" })));
-    }
-    Ok(Json(serde_json::json!({ "taken": true })))
 }

@@ -14,7 +14,7 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::PoolConfig;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use secrecy::ExposeSecret;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
 use super::{Channel, ChannelError, Job, Sent};
 use crate::config::Settings;
@@ -27,7 +27,6 @@ enum Transport {
 }
 
 pub struct Email {
-    pool: PgPool,
     transport: Transport,
     from: Mailbox,
     timeout: Duration,
@@ -35,7 +34,7 @@ pub struct Email {
 }
 
 impl Email {
-    pub fn new(settings: &Settings, pool: PgPool) -> anyhow::Result<Email> {
+    pub fn new(settings: &Settings) -> anyhow::Result<Email> {
         let e = &settings.email;
         let builder = match e.tls.as_str() {
             "tls" => AsyncSmtpTransport::<Tokio1Executor>::relay(&e.smtp_host)?,
@@ -67,7 +66,6 @@ impl Email {
             Transport::Smtp(builder.build())
         };
         Ok(Email {
-            pool,
             transport,
             from: e.from.parse().context("email.from")?,
             timeout: Duration::from_millis(e.timeout_ms),
@@ -83,14 +81,11 @@ impl Channel for Email {
 
     fn send<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Sent, ChannelError>> {
         Box::pin(async move {
-            let notice: Option<(String, Option<String>, String, Option<String>)> = sqlx::query_as(
-                "select address, subject, body_text, body_html from notice where item_id = $1 and channel = 'email'",
-            )
-            .bind(job.item.item_id)
-            .fetch_optional(&self.pool)
-            .await?;
-            let (to, subject, text, html) =
-                notice.ok_or_else(|| ChannelError::Permanent("no email notice was fixed at submission".into()))?;
+            let notice = job
+                .notice
+                .clone()
+                .ok_or_else(|| ChannelError::Permanent("no email notice was fixed at submission".into()))?;
+            let (to, subject, text, html) = (notice.address, notice.subject, notice.text, notice.html);
             let to_box: Mailbox =
                 to.parse().map_err(|e| ChannelError::Permanent(format!("the address {to} is not valid: {e}")))?;
             let domain = self.from.email.domain().to_string();

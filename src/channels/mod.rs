@@ -24,6 +24,19 @@ pub struct Job {
     pub step_id: Uuid,
     pub recipient_id: Uuid,
     pub item: ItemContext,
+    /// The notice fixed at submission for this channel (SMS and email), loaded with the job.
+    pub notice: Option<Notice>,
+}
+
+/// A notice as submission fixed it: where it goes and what it says.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Notice {
+    pub address: String,
+    pub subject: Option<String>,
+    pub text: String,
+    pub html: Option<String>,
+    pub encoding: Option<String>,
+    pub segments: Option<i32>,
 }
 
 /// What a channel did, to be recorded as evidence (when there is an event to record: a letter
@@ -100,8 +113,8 @@ pub trait Channel: Send + Sync {
 pub fn build(name: &str, settings: &Settings, pool: &PgPool) -> anyhow::Result<Box<dyn Channel>> {
     Ok(match name {
         "inbox" => Box::new(inbox::Inbox),
-        "sms" => Box::new(sms::Sms::new(settings, pool.clone())?),
-        "email" => Box::new(email::Email::new(settings, pool.clone())?),
+        "sms" => Box::new(sms::Sms::new(settings)?),
+        "email" => Box::new(email::Email::new(settings)?),
         "postal" => Box::new(postal::Postal::new(settings, pool.clone())),
         other => anyhow::bail!("unknown channel {other:?}; known: {}", KNOWN_CHANNELS.join(", ")),
     })

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -17,7 +17,6 @@ use crate::config::Settings;
 use crate::evidence::Event;
 
 pub struct Sms {
-    pool: PgPool,
     http: reqwest::Client,
     provider: String,
     url: String,
@@ -49,10 +48,9 @@ pub struct SendResponse {
 }
 
 impl Sms {
-    pub fn new(settings: &Settings, pool: PgPool) -> anyhow::Result<Sms> {
+    pub fn new(settings: &Settings) -> anyhow::Result<Sms> {
         let s = &settings.sms;
         Ok(Sms {
-            pool,
             http: reqwest::Client::builder().timeout(Duration::from_millis(s.timeout_ms)).build()?,
             provider: s.provider.clone(),
             url: format!("{}/api/v1/messages", s.base_url.trim_end_matches('/')),
@@ -87,14 +85,11 @@ impl Channel for Sms {
 
     fn send<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Sent, ChannelError>> {
         Box::pin(async move {
-            let notice: Option<(String, String, Option<i32>, Option<String>)> = sqlx::query_as(
-                "select address, body_text, segments, encoding from notice where item_id = $1 and channel = 'sms'",
-            )
-            .bind(job.item.item_id)
-            .fetch_optional(&self.pool)
-            .await?;
-            let (to, text, segments, encoding) =
-                notice.ok_or_else(|| ChannelError::Permanent("no SMS notice was fixed at submission".into()))?;
+            let notice = job
+                .notice
+                .clone()
+                .ok_or_else(|| ChannelError::Permanent("no SMS notice was fixed at submission".into()))?;
+            let (to, text, segments, encoding) = (notice.address, notice.text, notice.segments, notice.encoding);
             self.wait_for_slot().await;
             let request = SendRequest {
                 to: to.clone(),
@@ -197,8 +192,7 @@ mod tests {
     async fn sends_are_spaced_to_the_providers_rate() {
         let mut settings = Settings::from_sources(include_str!("../../config/default.toml"), Vec::new()).unwrap();
         settings.sms.rate_per_second = 20;
-        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
-        let sms = Sms::new(&settings, pool).unwrap();
+        let sms = Sms::new(&settings).unwrap();
         let started = Instant::now();
         for _ in 0..11 {
             sms.wait_for_slot().await;
