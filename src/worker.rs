@@ -192,7 +192,10 @@ const JOB_QUERY: &str = "select a.id as attempt_id, a.step_id, i.recipient_id, a
 
 /// The jobs of these attempts and their statuses, in one query.
 async fn load_jobs(pool: &PgPool, attempt_ids: &[Uuid]) -> sqlx::Result<HashMap<Uuid, (Job, String)>> {
-    let rows: Vec<JobRow> = sqlx::query_as(JOB_QUERY).bind(attempt_ids).fetch_all(pool).await?;
+    // Statements that take a batch's rows by an array of ids are planned for their values each
+    // time (`persistent(false)`): a plan cached while the tables were small scans them whole for
+    // ever after (docs/performance.md, "Plans cached on a new database").
+    let rows: Vec<JobRow> = sqlx::query_as(JOB_QUERY).bind(attempt_ids).persistent(false).fetch_all(pool).await?;
     Ok(rows.into_iter().map(|r| (r.attempt_id, r.job())).collect())
 }
 
@@ -221,6 +224,7 @@ async fn record_delivered(pool: &PgPool, channel: &dyn Channel, batch: &[(&Job, 
     let queued: Vec<Uuid> =
         sqlx::query_scalar("select id from attempt where id = any($1) and status = 'queued' order by id for update")
             .bind(&attempts)
+            .persistent(false)
             .fetch_all(&mut *tx)
             .await?;
     let todo: Vec<(&Job, &Sent)> = batch.iter().copied().filter(|(j, _)| queued.contains(&j.attempt_id)).collect();
@@ -238,11 +242,13 @@ async fn record_delivered(pool: &PgPool, channel: &dyn Channel, batch: &[(&Job, 
     .bind(&ids)
     .bind(&refs)
     .bind(&segments)
+    .persistent(false)
     .execute(&mut *tx)
     .await?;
     let steps: Vec<Uuid> = todo.iter().map(|(j, _)| j.step_id).collect();
     sqlx::query("update step set status = 'done', updated_at = now() where id = any($1)")
         .bind(&steps)
+        .persistent(false)
         .execute(&mut *tx)
         .await?;
     let mut consigned: Vec<Uuid> = Vec::new();

@@ -93,6 +93,9 @@ async fn take_all(pool: &PgPool, reports: &[&Report]) -> sqlx::Result<Vec<Taken>
     )
     .bind(reports.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
     .bind(reports.iter().map(|r| r.report.id.as_str()).collect::<Vec<_>>())
+    // Planned for its values each time: a plan cached while sms_message was small scans the
+    // whole table for ever after (see docs/performance.md, "Plans cached on a new database").
+    .persistent(false)
     .fetch_all(pool)
     .await?;
     let mut taken = vec![Taken::Unknown; reports.len()];
@@ -156,7 +159,8 @@ async fn settle(pool: &PgPool, round: &[(usize, Settlement<'_>)]) -> sqlx::Resul
                 .map(|(_, s)| if s.report.event == Event::NotificationDelivered { "delivered" } else { "failed" })
                 .collect::<Vec<_>>(),
         );
-    records.bind(q).fetch_all(pool).await?.iter().map(|row| row.try_get(0)).collect()
+    // Planned for its values: it joins sms_message, whose cached plan would be a scan (above).
+    records.bind(q).persistent(false).fetch_all(pool).await?.iter().map(|row| row.try_get(0)).collect()
 }
 
 /// One statement: each report is kept once; the first one for a message still awaiting it
