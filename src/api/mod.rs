@@ -80,8 +80,26 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(max_body, refuse_declared_oversize))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// A body that says it is over the limit (`Content-Length`) gets its 413 at once, before a
+/// byte of it is read; a body without a length is cut off at the limit as it is read.
+async fn refuse_declared_oversize(
+    axum::extract::State(max): axum::extract::State<usize>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return axum::response::IntoResponse::into_response(ApiError::TooLarge(
+            "the request body is larger than this server accepts".into(),
+        ));
+    }
+    next.run(req).await
 }
 
 /// The `limit` of a list endpoint: 1 to `max`, 50 (or `max`) when absent.
