@@ -291,7 +291,7 @@ impl<'a> Prepared<'a> {
 
 /// Common table expressions that insert prepared records (the 8 parameters after `$first`) and
 /// their callbacks (the 13 after those), each row only where `guard` (an SQL condition, which
-/// may name the row's `item_id`) holds: a statement that writes an item can write its evidence
+/// may name the row's item as `x.item_id`) holds: a statement that writes an item can write its evidence
 /// too, without a round trip of its own.
 pub fn ctes(first: usize, guard: &str) -> String {
     let p = |n: usize| format!("${}", first + n);

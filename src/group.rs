@@ -7,7 +7,7 @@
 //! write, PostgreSQL's fixed costs (statement start-up, plan, round trip, commit) are most of
 //! the work, so sharing them is what lets a 2-core machine take hundreds more requests a second.
 //!
-//! Jobs that conflict (the same idempotency key, the same message) never share a batch: the
+//! Jobs that conflict (for submissions: the same idempotency key) never share a batch: the
 //! later one waits for the next, so a writer never has to decide between two in one statement.
 
 use std::collections::VecDeque;
@@ -142,6 +142,18 @@ pub async fn together_or_alone<J, T>(
     let result = write(pool, &jobs).await;
     drop(jobs);
     match result {
+        Ok(results) if results.len() != batch.len() => {
+            tracing::error!(
+                jobs = batch.len(),
+                results = results.len(),
+                "a writer of {what} answered the wrong number"
+            );
+            for p in batch {
+                p.answer(Err(sqlx::Error::Protocol(format!(
+                    "a batch of {what} was written, but its answers are missing"
+                ))));
+            }
+        }
         Ok(results) => {
             for (p, r) in batch.into_iter().zip(results) {
                 p.answer(Ok(r));

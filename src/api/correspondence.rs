@@ -227,12 +227,16 @@ pub async fn submit(
             })
         }
         // A retry of a finished request answers as the first time, even if it would no
-        // longer pass (its recipient gone, a template changed); a key used for another body
-        // is a conflict before it is anything else.
-        Err(e @ ApiError::Internal(_)) => Err(e),
-        Err(e) => match replay(&mut *state.pool.acquire().await?, agency.id, &key, &request_sha256).await? {
-            Some(response) => Ok(response),
-            None => Err(e),
+        // longer pass (its recipient gone, a template changed, the database failing now); a
+        // key used for another body is a conflict before it is anything else. When the
+        // replay cannot be read either, the first error stands.
+        Err(e) => match state.pool.acquire().await {
+            Ok(mut conn) => match replay(&mut conn, agency.id, &key, &request_sha256).await {
+                Ok(Some(response)) => Ok(response),
+                Err(conflict @ ApiError::Conflict { .. }) => Err(conflict),
+                Ok(None) | Err(_) => Err(e),
+            },
+            Err(_) => Err(e),
         },
     }
 }

@@ -39,7 +39,12 @@ pub enum ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        ApiError::Internal(e.into())
+        match e {
+            // Stopping, or every connection busy for the pool's whole timeout: try again.
+            sqlx::Error::PoolClosed => ApiError::Unavailable("the server is stopping: retry".into()),
+            sqlx::Error::PoolTimedOut => ApiError::Unavailable("the database is busy: retry".into()),
+            e => ApiError::Internal(e.into()),
+        }
     }
 }
 

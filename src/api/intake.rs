@@ -336,6 +336,6 @@ static SUBMIT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             where x.item_id in (select id from it)
          ), {}
          select item_id from claim",
-        evidence::ctes(47, "item_id in (select id from it)")
+        evidence::ctes(47, "x.item_id in (select it.id from it)")
     )
 });

@@ -66,7 +66,15 @@ impl Reports {
     }
 }
 
-async fn take_batch(pool: PgPool, batch: Vec<Pending<Report, Outcome>>) {
+async fn take_batch(pool: PgPool, mut batch: Vec<Pending<Report, Outcome>>) {
+    // Rows locked in one order, so two batches with the same messages wait, not deadlock.
+    batch.sort_by(|a, b| {
+        (&a.job.provider, &a.job.report.id, &a.job.report.status).cmp(&(
+            &b.job.provider,
+            &b.job.report.id,
+            &b.job.report.status,
+        ))
+    });
     group::together_or_alone(&pool, batch, "SMS reports", |pool, reports| Box::pin(take_all(pool, reports))).await
 }
 
@@ -124,6 +132,9 @@ async fn take_all(pool: &PgPool, reports: &[&Report]) -> sqlx::Result<Vec<Taken>
         };
         waiting.push((n, Settlement { report: r, attempt_id: m.attempt_id, item: m.item.clone(), record }));
     }
+    // All rounds in one transaction: if one fails, none is kept, and each report is then taken
+    // again alone with the right answer.
+    let mut tx = pool.begin().await?;
     while !waiting.is_empty() {
         let mut round: Vec<(usize, Settlement)> = Vec::new();
         let mut later = Vec::new();
@@ -134,17 +145,18 @@ async fn take_all(pool: &PgPool, reports: &[&Report]) -> sqlx::Result<Vec<Taken>
                 round.push(w);
             }
         }
-        let settled = settle(pool, &round).await?;
+        let settled = settle(&mut tx, &round).await?;
         for (n, s) in &round {
             taken[*n] = if settled.contains(&s.attempt_id) { Taken::Settled } else { Taken::AlreadyReported };
         }
         waiting = later;
     }
+    tx.commit().await?;
     Ok(taken)
 }
 
 /// Writes reports in one statement; returns the attempts whose messages they settled.
-async fn settle(pool: &PgPool, round: &[(usize, Settlement<'_>)]) -> sqlx::Result<Vec<Uuid>> {
+async fn settle(conn: &mut sqlx::PgConnection, round: &[(usize, Settlement<'_>)]) -> sqlx::Result<Vec<Uuid>> {
     let batch: Vec<(&ItemContext, Vec<NewEvidence>)> =
         round.iter().map(|(_, s)| (&s.item, vec![s.record.clone()])).collect();
     let records = evidence::prepare(&batch);
@@ -160,7 +172,7 @@ async fn settle(pool: &PgPool, round: &[(usize, Settlement<'_>)]) -> sqlx::Resul
                 .collect::<Vec<_>>(),
         );
     // Planned for its values: it joins sms_message, whose cached plan would be a scan (above).
-    records.bind(q).persistent(false).fetch_all(pool).await?.iter().map(|row| row.try_get(0)).collect()
+    records.bind(q).persistent(false).fetch_all(&mut *conn).await?.iter().map(|row| row.try_get(0)).collect()
 }
 
 /// One statement: each report is kept once; the first one for a message still awaiting it
@@ -181,7 +193,7 @@ static REPORT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             returning m.attempt_id, m.item_id
          ), {}
          select attempt_id from settled",
-        evidence::ctes(5, "item_id in (select item_id from settled)")
+        evidence::ctes(5, "x.item_id in (select s.item_id from settled s)")
     )
 });
 

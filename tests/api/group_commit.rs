@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use reqwest::Response;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -11,6 +12,50 @@ use crate::helpers::{summons, Options, TestApp};
 /// One statement in flight, so submissions that arrive meanwhile must share the next one.
 fn one_at_a_time() -> Options {
     Options { tweak: |s| s.api.group_concurrency = 1, ..Default::default() }
+}
+
+/// Submits `bodies` under `keys` so that they arrive together: a first submission takes the
+/// intake's one slot and waits on a lock of the agency row (its item's foreign key), the others
+/// queue behind it meanwhile, and the lock goes 1.5 s later. Returns their answers.
+async fn submit_together(
+    app: &TestApp,
+    api_key: &str,
+    agency: &str,
+    keys: &[String],
+    bodies: &[Value],
+) -> Vec<Response> {
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("select 1 from agency where code = $1 for update").bind(agency).execute(&mut *lock).await.unwrap();
+    let mut first = bodies[0].clone();
+    first["reference"] = "the first".into();
+    let blocked = app.submit(api_key, "the-first", &first);
+    let rest = async {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while app
+            .count(
+                "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
+            )
+            .await
+            == 0
+        {
+            assert!(tokio::time::Instant::now() < deadline, "the first submission never waited for the lock");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let others = futures_util::future::join_all(keys.iter().zip(bodies).map(|(k, b)| app.submit(api_key, k, b)));
+        let release = async move {
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            lock.rollback().await.unwrap();
+        };
+        tokio::join!(others, release).0
+    };
+    let (first, answers) = tokio::join!(blocked, rest);
+    assert_eq!(first.status(), 202);
+    answers
+}
+
+/// Transactions that wrote idempotency keys (a row nothing updates keeps its writer's xmin).
+async fn key_transactions(app: &TestApp) -> i64 {
+    app.count("select count(distinct xmin::text) from idempotency").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,7 +72,11 @@ async fn concurrent_submissions_share_transactions_and_keep_their_own_rows() {
         })
         .collect();
     let keys: Vec<String> = (0..n).map(|i| format!("gc-{i}")).collect();
-    let answers = futures_util::future::join_all(keys.iter().zip(&bodies).map(|(k, b)| app.submit(&key, k, b))).await;
+    let answers = submit_together(&app, &key, "court-gc", &keys, &bodies).await;
+    // The first submission in one transaction, the forty that waited behind it in one more
+    // (or a few, if some came late).
+    let transactions = key_transactions(&app).await;
+    assert!(transactions <= 3, "{n} submissions that waited together took {transactions} transactions");
     let mut ids = HashSet::new();
     for (i, a) in answers.into_iter().enumerate() {
         assert_eq!(a.status(), 202);
@@ -53,12 +102,9 @@ async fn concurrent_submissions_share_transactions_and_keep_their_own_rows() {
         ids.insert(id);
     }
     assert_eq!(ids.len(), n);
-    // Items written by one statement carry its transaction's id.
-    let transactions = app.count("select count(distinct xmin::text) from item").await;
-    assert!(transactions < n as i64, "{n} submissions in {transactions} transactions: none were grouped");
-    assert_eq!(app.count("select count(*) from idempotency").await, n as i64);
-    assert_eq!(app.count("select count(*) from attachment").await, n as i64);
-    assert_eq!(app.count("select count(*) from evidence where event = 'SubmissionAcceptance'").await, n as i64);
+    assert_eq!(app.count("select count(*) from idempotency").await, n as i64 + 1);
+    assert_eq!(app.count("select count(*) from attachment").await, n as i64 + 1);
+    assert_eq!(app.count("select count(*) from evidence where event = 'SubmissionAcceptance'").await, n as i64 + 1);
     // Every item is delivered as if it had come alone.
     for id in &ids {
         app.wait_for_status(&key, id, &["consigned"]).await;
@@ -92,7 +138,7 @@ async fn a_submission_that_fails_to_write_fails_alone() {
         })
         .collect();
     let keys: Vec<String> = (0..n).map(|i| format!("gf-{i}")).collect();
-    let answers = futures_util::future::join_all(keys.iter().zip(&bodies).map(|(k, b)| app.submit(&key, k, b))).await;
+    let answers = submit_together(&app, &key, "court-gf", &keys, &bodies).await;
     for (i, a) in answers.into_iter().enumerate() {
         if i == poison {
             assert_eq!(a.status(), 500);
@@ -100,13 +146,17 @@ async fn a_submission_that_fails_to_write_fails_alone() {
             assert_eq!(a.status(), 202, "submission {i}");
         }
     }
-    assert_eq!(app.count("select count(*) from item").await, n as i64 - 1);
+    // The batch the poisoned one was in failed, and each of the others was written again
+    // alone: the first submission's transaction and one for each of the 29.
+    assert_eq!(key_transactions(&app).await, n as i64);
+    assert_eq!(app.count("select count(*) from item").await, n as i64);
     // The failed one left nothing, not even its key: a retry can succeed.
     assert_eq!(app.count("select count(*) from idempotency where key = 'gf-17'").await, 0);
-    assert_eq!(app.count("select count(*) from evidence where event = 'SubmissionAcceptance'").await, n as i64 - 1);
+    assert_eq!(app.count("select count(*) from evidence where event = 'SubmissionAcceptance'").await, n as i64);
     sqlx::query("drop trigger refuse_poison on item").execute(&app.pool).await.unwrap();
     assert_eq!(app.submit(&key, "gf-17", &bodies[poison]).await.status(), 202);
     assert_eq!(app.count("select count(*) from item where reference = 'poison'").await, 1);
+    assert_eq!(app.count("select count(*) from item").await, n as i64 + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
