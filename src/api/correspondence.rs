@@ -912,52 +912,50 @@ struct RecipientRow {
     digital_consent: bool,
 }
 
-/// A notice fixed at submission.
+/// A notice fixed at submission: its channel, and what workers will send.
 pub struct Notice {
     pub channel: &'static str,
-    pub address: String,
-    pub subject: Option<String>,
-    pub text: String,
-    pub html: Option<String>,
-    pub encoding: Option<String>,
-    pub segments: Option<i32>,
+    pub fixed: crate::channels::Notice,
 }
 
 impl Notice {
     fn sms(phone: &str, e: crate::sms::Encoded) -> Notice {
         Notice {
             channel: "sms",
-            address: phone.to_string(),
-            subject: None,
-            text: e.text,
-            html: None,
-            encoding: Some(e.encoding.as_str().into()),
-            segments: Some(e.segments as i32),
+            fixed: crate::channels::Notice {
+                address: phone.to_string(),
+                subject: None,
+                text: e.text,
+                html: None,
+                encoding: Some(e.encoding.as_str().into()),
+                segments: Some(e.segments as i32),
+            },
         }
     }
 
     fn email(address: &str, e: &crate::templates::EmailNotice) -> Notice {
         Notice {
             channel: "email",
-            address: address.to_string(),
-            subject: Some(e.subject.clone()),
-            text: e.text.clone(),
-            html: Some(e.html.clone()),
-            encoding: None,
-            segments: None,
+            fixed: crate::channels::Notice {
+                address: address.to_string(),
+                subject: Some(e.subject.clone()),
+                text: e.text.clone(),
+                html: Some(e.html.clone()),
+                encoding: None,
+                segments: None,
+            },
         }
     }
 
     /// What SubmissionAcceptance fixes about it.
     fn digest(&self) -> Value {
-        let mut d =
-            serde_json::json!({ "to": self.address, "text_sha256": evidence::sha256_hex(self.text.as_bytes()) });
-        if let Some(h) = &self.html {
+        let mut d = serde_json::json!({ "to": self.fixed.address, "text_sha256": evidence::sha256_hex(self.fixed.text.as_bytes()) });
+        if let Some(h) = &self.fixed.html {
             d["html_sha256"] = evidence::sha256_hex(h.as_bytes()).into();
         }
-        if let Some(n) = self.segments {
+        if let Some(n) = self.fixed.segments {
             d["segments"] = n.into();
-            d["encoding"] = self.encoding.clone().into();
+            d["encoding"] = self.fixed.encoding.clone().into();
         }
         d
     }

@@ -73,7 +73,11 @@ impl crate::group::Job for Row {
     fn weight(&self) -> usize {
         self.content_html.len()
             + self.attachments.iter().map(|(_, data)| data.len()).sum::<usize>()
-            + self.notices.iter().map(|n| n.text.len() + n.html.as_ref().map_or(0, String::len)).sum::<usize>()
+            + self
+                .notices
+                .iter()
+                .map(|n| n.fixed.text.len() + n.fixed.html.as_ref().map_or(0, String::len))
+                .sum::<usize>()
     }
 
     /// The same key twice is for the claim to decide, one statement after the other.
@@ -251,12 +255,12 @@ impl<'a> Columns<'a> {
             for n in &r.notices {
                 c.nt_item.push(id);
                 c.nt_channel.push(n.channel);
-                c.nt_address.push(&n.address);
-                c.nt_subject.push(n.subject.as_deref());
-                c.nt_text.push(&n.text);
-                c.nt_html.push(n.html.as_deref());
-                c.nt_encoding.push(n.encoding.as_deref());
-                c.nt_segments.push(n.segments);
+                c.nt_address.push(&n.fixed.address);
+                c.nt_subject.push(n.fixed.subject.as_deref());
+                c.nt_text.push(&n.fixed.text);
+                c.nt_html.push(n.fixed.html.as_deref());
+                c.nt_encoding.push(n.fixed.encoding.as_deref());
+                c.nt_segments.push(n.fixed.segments);
             }
             for s in &r.steps {
                 c.st_id.push(s.id);
