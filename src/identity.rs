@@ -99,16 +99,46 @@ fn decode_part<T: for<'de> Deserialize<'de>>(part: &str) -> Option<T> {
     serde_json::from_slice(&B64URL.decode(part).ok()?).ok()
 }
 
-/// Creates the development key pair when it is missing.
+/// Creates the development key pair when it is missing. Processes that start together (as
+/// `dalil bench` starts serve, relay, scheduler and workers) agree on one pair: the private key
+/// is published with a hard link, which only one process can win, and the public key with a
+/// rename after it, so nobody reads a half-written file or a key of another pair.
 pub fn ensure_dev_keys(settings: &IdentitySettings) -> anyhow::Result<()> {
-    if settings.dev_private_key_file.exists() {
-        return Ok(());
+    if !settings.dev_private_key_file.exists() {
+        let signing = SigningKey::generate(&mut rand::rngs::OsRng);
+        let public = signing.verifying_key().to_public_key_pem(Default::default()).context("encoding public key")?;
+        let suffix = format!(".{}.{}.tmp", std::process::id(), uuid::Uuid::new_v4().simple());
+        let private_tmp = with_suffix(&settings.dev_private_key_file, &suffix);
+        let public_tmp = with_suffix(&settings.public_key_file, &suffix);
+        write_private(&private_tmp, &signing)?;
+        if let Some(dir) = settings.public_key_file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&public_tmp, public)?;
+        let won = match std::fs::hard_link(&private_tmp, &settings.dev_private_key_file) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e).context("publishing the development private key"),
+        };
+        let _ = std::fs::remove_file(&private_tmp);
+        if won {
+            std::fs::rename(&public_tmp, &settings.public_key_file)?;
+            tracing::info!(path = %settings.dev_private_key_file.display(), "generated the development identity key pair");
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(&public_tmp);
     }
-    let signing = SigningKey::generate(&mut rand::rngs::OsRng);
-    write_private(&settings.dev_private_key_file, &signing)?;
-    let public = signing.verifying_key().to_public_key_pem(Default::default()).context("encoding public key")?;
-    std::fs::write(&settings.public_key_file, public)?;
-    tracing::info!(path = %settings.dev_private_key_file.display(), "generated the development identity key pair");
+    // Another process made the pair: its public key follows its private key at once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !settings.public_key_file.exists() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the development private key {} exists but its public key {} does not",
+            settings.dev_private_key_file.display(),
+            settings.public_key_file.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     Ok(())
 }
 
@@ -124,6 +154,12 @@ fn write_private(path: &Path, key: &SigningKey) -> anyhow::Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(())
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
 }
 
 /// Mints a token with the development key (what `dalil admin citizen-token` prints).
@@ -160,6 +196,29 @@ mod tests {
         let key = SigningKey::from_bytes(&[7u8; 32]);
         let v = Verifier { key: key.verifying_key(), issuer: "idp".into(), audience: "dalil".into() };
         (key, v)
+    }
+
+    #[test]
+    fn processes_that_start_together_agree_on_one_development_key_pair() {
+        let dir = std::env::temp_dir().join(format!("dalil-devkeys-{}", uuid::Uuid::new_v4().simple()));
+        let settings = IdentitySettings {
+            public_key_file: dir.join("idp.pub.pem"),
+            issuer: "idp".into(),
+            audience: "dalil".into(),
+            dev_keys: true,
+            dev_private_key_file: dir.join("idp.key.pem"),
+        };
+        // Threads stand in for processes: each loads as `Verifier::load` does at start-up.
+        let keys: Vec<VerifyingKey> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| Verifier::load(&settings).unwrap().key)).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let private = std::fs::read_to_string(&settings.dev_private_key_file).unwrap();
+        let signing = SigningKey::from_pkcs8_pem(&private).unwrap();
+        assert!(keys.iter().all(|k| *k == signing.verifying_key()), "every start-up read the one pair");
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn claims(sub: &str, exp: i64) -> Claims {
