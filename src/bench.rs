@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde::Serialize;
 use serde_json::json;
 use sqlx::PgPool;
@@ -153,12 +153,9 @@ pub async fn run(base: &Settings, o: Options) -> anyhow::Result<Report> {
     anyhow::ensure!(o.items > 0 && o.clients > 0, "--items and --clients must be at least 1");
     let stamp = format!("{}_{}", Utc::now().format("%Y%m%d_%H%M%S"), &Uuid::new_v4().simple().to_string()[..6]);
     let db_name = format!("dalil_bench_{stamp}");
-    let url = base.database_url.expose_secret();
-    let (server, _) = url.rsplit_once('/').context("database_url has no database name")?;
     let dir = std::env::temp_dir().join(format!("dalil-bench-{stamp}"));
     std::fs::create_dir_all(&dir)?;
-    let mut s = base.clone();
-    s.database_url = SecretString::from(format!("{server}/{db_name}"));
+    let mut s = base.with_database(&db_name)?;
     s.queue_prefix = format!("bench-{stamp}.");
     s.queue_expires_ms = Some(600_000);
     s.database.max_connections = 32;
@@ -173,11 +170,7 @@ pub async fn run(base: &Settings, o: Options) -> anyhow::Result<Report> {
         let _ = conn.close(200, "bye".into()).await;
     }
     if !o.keep {
-        let admin = crate::db::connect(&Settings {
-            database_url: SecretString::from(format!("{server}/postgres")),
-            ..s.clone()
-        })
-        .await?;
+        let admin = crate::db::connect(&s.with_database("postgres")?).await?;
         sqlx::query(&format!("drop database if exists {db_name} with (force)")).execute(&admin).await?;
     } else if o.print {
         println!("kept database {db_name}");

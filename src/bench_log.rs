@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -34,11 +33,8 @@ fn record() -> NewEvidence {
 }
 
 pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
-    let base = settings.database_url.expose_secret();
-    let (server, _) = base.rsplit_once('/').context("database_url has no database name")?;
     let name = format!("dalil_bench_log_{}", Uuid::new_v4().simple().to_string().get(..8).unwrap_or("x"));
-    let mut s = settings.clone();
-    s.database_url = SecretString::from(format!("{server}/{name}"));
+    let mut s = settings.with_database(&name)?;
     s.database.max_connections = (o.writers as u32 + 2).max(4);
     let key_dir = std::env::temp_dir().join(&name);
     s.log.key_dir = key_dir.clone();
@@ -48,9 +44,7 @@ pub async fn run(settings: &Settings, o: Options) -> anyhow::Result<()> {
     let result = measure(&pool, &s, &o).await;
     pool.close().await;
     if !o.keep {
-        let admin =
-            db::connect(&Settings { database_url: SecretString::from(format!("{server}/postgres")), ..s.clone() })
-                .await?;
+        let admin = db::connect(&s.with_database("postgres")?).await?;
         sqlx::query(&format!("drop database {name} with (force)")).execute(&admin).await?;
         let _ = std::fs::remove_dir_all(key_dir);
     } else {

@@ -271,6 +271,31 @@ impl Settings {
     pub fn amqp_url_redacted(&self) -> String {
         redact(self.amqp_url.expose_secret())
     }
+
+    /// These settings with another database on the same server (the benchmark's, the demo's,
+    /// `postgres` to create and drop them). The URL's options (`?host=/run/postgresql`,
+    /// `?sslmode=…`) are kept.
+    pub fn with_database(&self, name: &str) -> anyhow::Result<Settings> {
+        let url = with_database(self.database_url.expose_secret(), name)?;
+        Ok(Settings { database_url: SecretString::from(url), ..self.clone() })
+    }
+}
+
+/// `postgres://u@h:5432/dalil?host=/run/postgresql` → `postgres://u@h:5432/NAME?host=/run/postgresql`.
+pub fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let (_, rest) = base.split_once("://").context("database_url is not a URL")?;
+    let server = match rest.find('/') {
+        Some(at) => &base[..base.len() - rest.len() + at],
+        None => base,
+    };
+    Ok(match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    })
 }
 
 /// `scheme://user:secret@host` → `scheme://user:***@host`.
@@ -322,6 +347,18 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn another_database_keeps_the_server_and_the_options() {
+        assert_eq!(with_database("postgres://u:pw@db:5432/dalil", "b").unwrap(), "postgres://u:pw@db:5432/b");
+        assert_eq!(
+            with_database("postgres://postgres@localhost/dalil?host=/run/postgresql", "b").unwrap(),
+            "postgres://postgres@localhost/b?host=/run/postgresql"
+        );
+        assert_eq!(with_database("postgres://db?sslmode=require", "b").unwrap(), "postgres://db/b?sslmode=require");
+        assert_eq!(with_database("postgres://db:5432", "b").unwrap(), "postgres://db:5432/b");
+        assert!(with_database("dalil", "b").is_err());
     }
 
     #[test]

@@ -68,21 +68,10 @@ pub async fn run(base: &Settings, options: Options) -> anyhow::Result<()> {
             }
             let _ = conn.close(200, "bye".into()).await;
         }
-        let server = server_url(base)?;
-        let admin = crate::db::connect(&Settings {
-            database_url: SecretString::from(format!("{server}/postgres")),
-            ..settings
-        })
-        .await?;
+        let admin = crate::db::connect(&settings.with_database("postgres")?).await?;
         sqlx::query(&format!("drop database if exists {db_name} with (force)")).execute(&admin).await?;
     }
     outcome
-}
-
-fn server_url(settings: &Settings) -> anyhow::Result<String> {
-    let url = settings.database_url.expose_secret();
-    let (server, _) = url.rsplit_once('/').context("database_url has no database name")?;
-    Ok(server.to_string())
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -91,8 +80,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// The demo's settings: its own database, queue names, keys and ports; fast policies.
 async fn settings_for(base: &Settings, stamp: &str, dir: &Path) -> anyhow::Result<(Settings, String)> {
-    let mut s = base.clone();
-    s.database_url = SecretString::from(format!("{}/dalil_demo_{stamp}", server_url(base)?));
+    let mut s = base.with_database(&format!("dalil_demo_{stamp}"))?;
     s.queue_prefix = format!("demo-{stamp}.");
     // Queues delete themselves if the demo dies without cleaning up.
     s.queue_expires_ms = Some(600_000);
