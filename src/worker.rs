@@ -5,7 +5,7 @@
 //! transaction. It returns an [`Outcome`]; [`run`] only acks, publishes retries and
 //! dead-letters according to it, always after the database commit.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel as AmqpChannel};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
+use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -210,15 +210,30 @@ async fn load_job(conn: &mut sqlx::PgConnection, attempt_id: Uuid) -> Result<Opt
 /// meanwhile (a redelivered copy won) is left as it is.
 async fn record_delivered(pool: &PgPool, channel: &dyn Channel, batch: &[(&Job, &Sent)]) -> Result<(), ChannelError> {
     let mut tx = pool.begin().await?;
-    // Lock order everywhere: the item rows (a recall holds one), then the attempts (two copies
-    // of one message racing each other finish once). Sorted, so batches never deadlock.
-    let mut items: Vec<Uuid> = batch.iter().map(|(j, _)| j.item.item_id).collect();
-    items.sort();
-    items.dedup();
-    sqlx::query("select 1 from item where id = any($1) order by id for no key update")
-        .bind(&items)
-        .execute(&mut *tx)
-        .await?;
+    // Lock order everywhere: item, step, attempt (a recall takes them in that order; two copies
+    // of one message racing each other finish once, on the attempt's lock). Sorted, so batches
+    // never deadlock. A delivery that consigns the item changes it, so it locks the item, as a
+    // recall does. A notice (SMS, email) leaves the item as it is and locks only its steps: it
+    // does not wait for the inbox batch of the same items, which used to cost as much waiting
+    // as all other statements together (docs/performance.md).
+    if batch.iter().any(|(_, sent)| sent.event == Some(Event::ContentConsignment)) {
+        let mut items: Vec<Uuid> = batch.iter().map(|(j, _)| j.item.item_id).collect();
+        items.sort();
+        items.dedup();
+        sqlx::query("select 1 from item where id = any($1) order by id for no key update")
+            .bind(&items)
+            .execute(&mut *tx)
+            .await?;
+    } else {
+        let mut steps: Vec<Uuid> = batch.iter().map(|(j, _)| j.step_id).collect();
+        steps.sort();
+        steps.dedup();
+        sqlx::query("select 1 from step where id = any($1) order by id for no key update")
+            .bind(&steps)
+            .persistent(false)
+            .execute(&mut *tx)
+            .await?;
+    }
     let mut attempts: Vec<Uuid> = batch.iter().map(|(j, _)| j.attempt_id).collect();
     attempts.sort();
     let queued: Vec<Uuid> =
@@ -493,6 +508,7 @@ async fn consume(
     tracing::info!(queue = queue_name, "worker: consuming");
     *connected = true;
     let limit = Arc::new(Semaphore::new(settings.worker.concurrency));
+    let acks: Arc<Mutex<Acks>> = Arc::default();
     let ladder = topology.retry_ladder();
     let batch_size = settings.worker.batch_size.max(1);
     let result = loop {
@@ -526,12 +542,19 @@ async fn consume(
                 None => break,
             }
         }
-        let (handler, amqp, ladder) = (handler.clone(), amqp.clone(), ladder.clone());
+        {
+            let mut acks = acks.lock().await;
+            for d in &batch {
+                acks.delivered(d.delivery_tag);
+            }
+        }
+        let (handler, amqp, ladder, acks) = (handler.clone(), amqp.clone(), ladder.clone(), acks.clone());
         let topology = topology.clone();
         tokio::spawn(async move {
             let messages: Vec<(&[u8], u32)> = batch.iter().map(|d| (d.data.as_slice(), retries_of(d))).collect();
             let outcomes = handler.process_batch(&messages).await;
             drop(messages);
+            let mut done = Vec::with_capacity(batch.len());
             for (delivery, mut outcome) in batch.into_iter().zip(outcomes) {
                 if let Outcome::Retry(why) = &outcome {
                     if retries_of(&delivery) as usize >= ladder.len() {
@@ -539,11 +562,32 @@ async fn consume(
                         outcome = handler.give_up(&delivery.data, why).await;
                     }
                 }
+                if matches!(outcome, Outcome::Done) {
+                    done.push(delivery.delivery_tag);
+                    continue;
+                }
+                let tag = delivery.delivery_tag;
                 if let Err(e) = settle(&amqp, &topology, &ladder, delivery, outcome).await {
-                    // The broker redelivers what was not acked; processing is idempotent.
-                    tracing::warn!(error = format!("{e:#}"), "worker: could not settle a delivery");
+                    // The broker redelivers what was not settled once the channel closes, and
+                    // processing is idempotent. Closing it also keeps a later `multiple` ack
+                    // from covering this delivery.
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "worker: could not settle a delivery; closing the channel"
+                    );
+                    let _ = amqp.close(500, ShortString::from("a delivery could not be settled")).await;
+                }
+                acks.lock().await.settled(tag);
+            }
+            // One ack for the batch, sent (under the lock, so in order) once every earlier
+            // delivery of the channel is settled too.
+            let mut acks = acks.lock().await;
+            if let Some(upto) = acks.done(&done) {
+                if let Err(e) = amqp.basic_ack(upto, BasicAckOptions { multiple: true }).await {
+                    tracing::warn!(error = %e, "worker: could not ack; the broker will redeliver");
                 }
             }
+            drop(acks);
             drop(permit);
         });
         if let Some(e) = ended {
@@ -555,6 +599,43 @@ async fn consume(
     let _all = limit.acquire_many(settings.worker.concurrency as u32).await?;
     let _ = conn.close(200, ShortString::from("shutdown")).await;
     result
+}
+
+/// The deliveries of one channel that are not settled yet. Work that is done is acked with one
+/// `multiple` ack per batch instead of one ack per message (RabbitMQ settles them as one
+/// command). Such an ack covers every unsettled delivery up to its tag, those of other batches
+/// still in flight included, so it goes out only up to the first delivery that is not done.
+#[derive(Debug, Default)]
+struct Acks {
+    /// Delivered and not settled: tag → done (processed, waiting for the ack that covers it).
+    open: BTreeMap<u64, bool>,
+}
+
+impl Acks {
+    fn delivered(&mut self, tag: u64) {
+        self.open.insert(tag, false);
+    }
+
+    /// Settled on its own (retried, dead-lettered): nothing to wait for.
+    fn settled(&mut self, tag: u64) {
+        self.open.remove(&tag);
+    }
+
+    /// Marks these done. Returns the tag a `multiple` ack may now be sent for, when there is
+    /// one: every open delivery up to it is done. Those are forgotten.
+    fn done(&mut self, tags: &[u64]) -> Option<u64> {
+        for tag in tags {
+            if let Some(done) = self.open.get_mut(tag) {
+                *done = true;
+            }
+        }
+        let mut upto = None;
+        while let Some((&tag, true)) = self.open.first_key_value() {
+            self.open.pop_first();
+            upto = Some(tag);
+        }
+        upto
+    }
 }
 
 /// Acks, retries or dead-letters one delivery according to its outcome.
@@ -619,4 +700,47 @@ fn retries_of(delivery: &Delivery) -> u32 {
             _ => None,
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Acks;
+
+    #[test]
+    fn a_batch_is_acked_once_every_earlier_delivery_is_settled() {
+        let mut acks = Acks::default();
+        for tag in 1..=6 {
+            acks.delivered(tag);
+        }
+        // The second batch (4–6) finishes first: 1–3 are still being worked on, and an ack
+        // with `multiple` for 6 would cover them.
+        assert_eq!(acks.done(&[4, 5, 6]), None);
+        // Then the first: one ack covers both batches.
+        assert_eq!(acks.done(&[1, 2, 3]), Some(6));
+        assert_eq!(acks.done(&[]), None);
+    }
+
+    #[test]
+    fn a_delivery_settled_on_its_own_does_not_hold_the_others_back() {
+        let mut acks = Acks::default();
+        for tag in 1..=4 {
+            acks.delivered(tag);
+        }
+        // 2 is retried (acked on its own after its copy is published); 1, 3 and 4 are done.
+        assert_eq!(acks.done(&[1]), Some(1));
+        assert_eq!(acks.done(&[3, 4]), None);
+        acks.settled(2);
+        assert_eq!(acks.done(&[]), Some(4));
+    }
+
+    #[test]
+    fn the_ack_stops_at_the_first_delivery_still_in_flight() {
+        let mut acks = Acks::default();
+        for tag in 10..=15 {
+            acks.delivered(tag);
+        }
+        assert_eq!(acks.done(&[10, 11, 13, 14]), Some(11));
+        assert_eq!(acks.done(&[15]), None);
+        assert_eq!(acks.done(&[12]), Some(15));
+    }
 }

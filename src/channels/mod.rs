@@ -87,7 +87,6 @@ pub trait Channel: Send + Sync {
         sent: &'a Sent,
     ) -> BoxFuture<'a, Result<bool, ChannelError>>;
 
-    /// The event that records this channel's permanent failure.
     /// Records several sent jobs in the caller's transaction; one `fresh` flag per job, in
     /// order. Channels whose record is a single insert do it in one statement.
     fn record_many<'a>(
@@ -104,6 +103,7 @@ pub trait Channel: Send + Sync {
         })
     }
 
+    /// The event that records this channel's permanent failure.
     fn failure_event(&self) -> Event {
         Event::ConsignmentNotificationFailure
     }
