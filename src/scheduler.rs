@@ -41,6 +41,7 @@ pub async fn run(pool: PgPool, settings: Settings, cancel: CancellationToken) ->
         tracing::info!(job = name, schedule = %schedule, "scheduler: job registered");
         jobs.push((name, schedule));
     }
+    warn_without_autovacuum(&pool).await;
     let me = who();
     let sequencer = tokio::spawn(run_sequencer(
         pool.clone(),
@@ -149,6 +150,22 @@ pub async fn claim(pool: &PgPool, name: &str, schedule: &Schedule, me: &str) -> 
     .await?
     .rows_affected();
     Ok(claimed == 1)
+}
+
+/// Without autovacuum, nothing removes dead rows (every delivery updates rows) and nothing
+/// analyzes the tables as they grow, so plans made while they were small stay in use
+/// (docs/performance.md measured both). Said once, at start.
+async fn warn_without_autovacuum(pool: &PgPool) {
+    let on: Result<bool, _> =
+        sqlx::query_scalar("select current_setting('autovacuum') = 'on' and current_setting('track_counts') = 'on'")
+            .fetch_one(pool)
+            .await;
+    if let Ok(false) = on {
+        tracing::warn!(
+            "PostgreSQL runs without autovacuum (autovacuum or track_counts is off): dead rows pile up \
+             and table statistics go stale; turn it on in postgresql.conf"
+        );
+    }
 }
 
 pub async fn run_job(name: &str, pool: &PgPool, settings: &Settings, me: &str) -> anyhow::Result<()> {
