@@ -32,6 +32,8 @@ use crate::config::Settings;
 
 pub struct Options {
     pub items: usize,
+    /// Send for this long instead of a number of items (`items` is then ignored).
+    pub seconds: Option<u64>,
     pub clients: usize,
     /// Worker processes; 0 runs everything in one `dalil all` process.
     pub workers: usize,
@@ -62,9 +64,40 @@ fn latency(mut ms: Vec<f64>) -> Latency {
     Latency { p50_ms: at(0.50), p95_ms: at(0.95), p99_ms: at(0.99), max_ms: ms[ms.len() - 1] }
 }
 
+/// The backlog of a run from each item's acceptance and delivery times: its peak, and its
+/// growth per second from the first acceptance to the last (least squares over 100-ms samples).
+pub fn backlog(pairs: &[(DateTime<Utc>, DateTime<Utc>)]) -> (usize, f64) {
+    let mut accepted: Vec<DateTime<Utc>> = pairs.iter().map(|(a, _)| *a).collect();
+    let mut delivered: Vec<DateTime<Utc>> = pairs.iter().map(|(_, d)| *d).collect();
+    accepted.sort();
+    delivered.sort();
+    let (Some(first), Some(last)) = (accepted.first().copied(), accepted.last().copied()) else { return (0, 0.0) };
+    let at =
+        |t: DateTime<Utc>| accepted.partition_point(|a| *a <= t) as f64 - delivered.partition_point(|d| *d <= t) as f64;
+    let step = chrono::Duration::milliseconds(100);
+    let mut samples: Vec<(f64, f64)> = Vec::new();
+    let mut t = first;
+    while t <= last {
+        samples.push(((t - first).num_milliseconds() as f64 / 1000.0, at(t)));
+        t += step;
+    }
+    let peak = samples.iter().map(|(_, b)| *b).fold(at(last), f64::max).max(0.0) as usize;
+    if samples.len() < 2 {
+        return (peak, 0.0);
+    }
+    let n = samples.len() as f64;
+    let (mx, my) = samples.iter().fold((0.0, 0.0), |(x, y), (a, b)| (x + a / n, y + b / n));
+    let (sxy, sxx) =
+        samples.iter().fold((0.0, 0.0), |(xy, xx), (a, b)| (xy + (a - mx) * (b - my), xx + (a - mx).powi(2)));
+    (peak, if sxx > 0.0 { sxy / sxx } else { 0.0 })
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// Items sent (with --seconds, as many as the clients managed).
     pub items: usize,
+    /// How long items were sent for, when the run was given a time.
+    pub seconds: Option<u64>,
     pub clients: usize,
     pub worker_processes: usize,
     pub accepted: usize,
@@ -76,6 +109,11 @@ pub struct Report {
     pub end_to_end_per_second: f64,
     pub consign_latency: Latency,
     pub sms_latency: Latency,
+    /// Items accepted and not yet in the inbox: the most at any moment of the run.
+    pub backlog_peak: usize,
+    /// How fast that backlog grew while items were being sent (least squares over 100-ms
+    /// samples); about 0 when delivery keeps up, the shortfall in items/s when it does not.
+    pub backlog_growth_per_second: f64,
     pub peak_rss_mib: f64,
     pub cpu_seconds: f64,
     pub pg_three_row_tx_per_second: f64,
@@ -151,6 +189,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 pub async fn run(base: &Settings, o: Options) -> anyhow::Result<Report> {
     anyhow::ensure!(o.items > 0 && o.clients > 0, "--items and --clients must be at least 1");
+    anyhow::ensure!(o.seconds != Some(0), "--seconds must be at least 1");
     let stamp = format!("{}_{}", Utc::now().format("%Y%m%d_%H%M%S"), &Uuid::new_v4().simple().to_string()[..6]);
     let db_name = format!("dalil_bench_{stamp}");
     let dir = std::env::temp_dir().join(format!("dalil-bench-{stamp}"));
@@ -214,7 +253,8 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         ("DALIL_IDENTITY__PUBLIC_KEY_FILE".into(), dir.join("idp.pub.pem").display().to_string()),
         ("DALIL_IDENTITY__DEV_PRIVATE_KEY_FILE".into(), dir.join("idp.pem").display().to_string()),
         ("DALIL_LOG__KEY_DIR".into(), dir.join("log-keys").display().to_string()),
-        ("RUST_LOG".into(), "warn,lapin=off".into()),
+        // Quiet unless RUST_LOG asks for more.
+        ("RUST_LOG".into(), std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,lapin=off".into())),
     ];
     let roles: Vec<Vec<&str>> = if o.workers == 0 {
         vec![vec!["all"]]
@@ -261,7 +301,10 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
     }
 
     let pool = crate::db::connect(s).await?;
-    let key = setup(&pool, o.items).await?;
+    // With --seconds, as many items as the clients manage in that time.
+    let total = if o.seconds.is_some() { usize::MAX } else { o.items };
+    let recipients = total.min(1000);
+    let key = setup(&pool, recipients).await?;
 
     // Drive.
     let next = Arc::new(AtomicUsize::new(0));
@@ -270,19 +313,25 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
     use std::io::IsTerminal;
     // A progress bar on a terminal; in a log file it would be noise.
     let progress = if o.print && std::io::stderr().is_terminal() {
-        Some(tokio::spawn(progress_bar(pool.clone(), sim.clone(), done.clone(), o.items, started)))
+        let goal = match o.seconds {
+            Some(secs) => Goal::Seconds(secs),
+            None => Goal::Items(o.items),
+        };
+        Some(tokio::spawn(progress_bar(pool.clone(), sim.clone(), done.clone(), goal, started)))
     } else {
         None
     };
+    let stop_at = o.seconds.map(|secs| started + Duration::from_secs(secs));
     let mut clients = tokio::task::JoinSet::new();
-    let recipients = o.items.min(1000);
     for _ in 0..o.clients {
         let (http, next, done, key, url) = (http.clone(), next.clone(), done.clone(), key.clone(), base_url.clone());
-        let total = o.items;
         clients.spawn(async move {
             let mut latencies = Vec::new();
             let mut refused = 0usize;
             loop {
+                if stop_at.is_some_and(|at| Instant::now() >= at) {
+                    break;
+                }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= total {
                     break;
@@ -329,9 +378,10 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
     }
     let accept_elapsed = started.elapsed().as_secs_f64();
     let accepted = accept_ms.len();
+    let sent = accepted + refused;
 
     // Wait until every accepted item is in its inbox and its SMS at the gateway.
-    let deadline = Instant::now() + Duration::from_secs(120 + o.items as u64 / 100);
+    let deadline = Instant::now() + Duration::from_secs(120 + sent as u64 / 100);
     loop {
         fleet.alive()?;
         // One inbox row per deposited item: cheaper to count than the evidence.
@@ -381,6 +431,7 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
     };
     let consign_ms: Vec<f64> =
         consign.iter().map(|(c, e)| (*e - *c).num_microseconds().unwrap_or(0) as f64 / 1000.0).collect();
+    let (backlog_peak, backlog_growth_per_second) = backlog(&consign);
 
     // The raw ceilings, with Dalil stopped.
     let pg = pg_ceiling(&pool, o.clients.min(16), Duration::from_secs(o.ceiling_seconds)).await?;
@@ -390,7 +441,8 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
     let accepted_per_second = accepted as f64 / accept_elapsed;
     let end_to_end_per_second = consign.len() as f64 / e2e_seconds;
     Ok(Report {
-        items: o.items,
+        items: sent,
+        seconds: o.seconds,
         clients: o.clients,
         worker_processes: o.workers,
         accepted,
@@ -402,6 +454,8 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         end_to_end_per_second,
         consign_latency: latency(consign_ms),
         sms_latency: latency(sms_ms),
+        backlog_peak,
+        backlog_growth_per_second,
         peak_rss_mib: rss_kib as f64 / 1024.0,
         cpu_seconds: cpu,
         pg_three_row_tx_per_second: pg,
@@ -445,26 +499,30 @@ fn item(i: usize, recipients: usize) -> serde_json::Value {
     })
 }
 
-async fn progress_bar(
-    pool: PgPool,
-    sim: crate::sim::Simulator,
-    done: Arc<AtomicUsize>,
-    total: usize,
-    started: Instant,
-) {
+/// What a run is sending towards: a number of items, or a time.
+enum Goal {
+    Items(usize),
+    Seconds(u64),
+}
+
+async fn progress_bar(pool: PgPool, sim: crate::sim::Simulator, done: Arc<AtomicUsize>, goal: Goal, started: Instant) {
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let accepted = done.load(Ordering::Relaxed);
         let consigned: i64 = sqlx::query_scalar("select count(*) from inbox_entry").fetch_one(&pool).await.unwrap_or(0);
         let sms = sim.messages().await.len();
         let width = 30;
-        let filled = (consigned as usize).min(total) * width / total;
         let secs = started.elapsed().as_secs_f64();
+        let (filled, of) = match goal {
+            Goal::Items(total) => ((consigned as usize).min(total) * width / total, format!("/{total}")),
+            Goal::Seconds(s) => (((secs / s as f64).min(1.0) * width as f64) as usize, String::new()),
+        };
         eprint!(
-            "\r[{}{}] submitted {accepted}/{total} ({:.0}/s)  in inbox {consigned}  SMS {sms}  {secs:.1}s   ",
+            "\r[{}{}] submitted {accepted}{of} ({:.0}/s)  in inbox {consigned} (backlog {})  SMS {sms}  {secs:.1}s   ",
             "=".repeat(filled),
             " ".repeat(width - filled),
-            accepted as f64 / secs
+            accepted as f64 / secs,
+            accepted.saturating_sub(consigned as usize),
         );
     }
 }
@@ -557,8 +615,9 @@ pub fn table(r: &Report) -> String {
         out.push_str(&format!("  {what:<44} {value:>14}   {note}\n"));
     };
     out.push_str(&format!(
-        "\nDalil bench: {} items, {} clients, {}\n\n",
+        "\nDalil bench: {} items{}, {} clients, {}\n\n",
         r.items,
+        r.seconds.map(|s| format!(" in {s} s")).unwrap_or_default(),
         r.clients,
         if r.worker_processes == 0 {
             "one `dalil all` process".to_string()
@@ -605,6 +664,12 @@ pub fn table(r: &Report) -> String {
     row(&mut out, "in inbox / SMS at gateway", format!("{} / {}", r.consigned, r.sms_sent), String::new());
     row(
         &mut out,
+        "backlog (accepted, not in inbox): peak / growth",
+        format!("{} / {:+.1}/s", r.backlog_peak, r.backlog_growth_per_second),
+        "target: does not grow".into(),
+    );
+    row(
+        &mut out,
         "peak RSS of dalil (sum of processes)",
         format!("{:.0} MiB", r.peak_rss_mib),
         "target ≤ 300 MiB".into(),
@@ -624,4 +689,49 @@ pub fn table(r: &Report) -> String {
     );
     out.push('\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` items accepted at `rate` per second from t = 0, each delivered `lag` seconds later
+    /// or, with `drain`, at `drain` per second in acceptance order.
+    fn run(n: usize, rate: f64, lag: f64, drain: Option<f64>) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+        let t0 = Utc::now();
+        let at = |s: f64| t0 + chrono::Duration::microseconds((s * 1e6) as i64);
+        (0..n)
+            .map(|i| {
+                let accepted = i as f64 / rate;
+                let delivered = match drain {
+                    Some(d) => (i as f64 / d).max(accepted) + lag,
+                    None => accepted + lag,
+                };
+                (at(accepted), at(delivered))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_pipeline_that_keeps_up_has_a_flat_backlog() {
+        // 1,000/s for 10 s, each in the inbox 150 ms later: about 150 waiting at any moment.
+        let (peak, growth) = backlog(&run(10_000, 1000.0, 0.15, None));
+        assert!((145..=155).contains(&peak), "{peak}");
+        assert!(growth.abs() < 3.0, "{growth}");
+    }
+
+    #[test]
+    fn a_pipeline_that_falls_behind_shows_by_how_much() {
+        // Accepted at 1,000/s, delivered at 800/s: the backlog grows by about 200 a second.
+        let (peak, growth) = backlog(&run(10_000, 1000.0, 0.0, Some(800.0)));
+        assert!((1_950..=2_010).contains(&peak), "{peak}");
+        assert!((190.0..=210.0).contains(&growth), "{growth}");
+    }
+
+    #[test]
+    fn no_items_no_backlog() {
+        assert_eq!(backlog(&[]), (0, 0.0));
+        let (peak, growth) = backlog(&run(1, 1.0, 0.5, None));
+        assert_eq!((peak, growth), (1, 0.0));
+    }
 }

@@ -69,6 +69,10 @@ pub enum Command {
         /// Items to send.
         #[arg(long, default_value_t = 20_000)]
         items: usize,
+        /// Send for this many seconds instead, as many items as the clients manage (a
+        /// sustained run: the table's backlog line shows whether delivery kept up).
+        #[arg(long, conflicts_with = "items")]
+        seconds: Option<u64>,
         /// Concurrent HTTP clients.
         #[arg(long, default_value_t = 64)]
         clients: usize,
@@ -384,10 +388,19 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             .serve(listener, app::shutdown_token())
             .await
         }
-        Command::Bench { items, clients, workers, ceiling_seconds, json, keep } => {
+        Command::Bench { items, seconds, clients, workers, ceiling_seconds, json, keep } => {
             let binary = std::env::current_exe().context("finding the dalil binary")?;
-            let options =
-                crate::bench::Options { items, clients, workers, ceiling_seconds, json, keep, binary, print: true };
+            let options = crate::bench::Options {
+                items,
+                seconds,
+                clients,
+                workers,
+                ceiling_seconds,
+                json,
+                keep,
+                binary,
+                print: true,
+            };
             crate::bench::run(&settings, options).await.map(|_| ())
         }
         Command::BenchLog { records, writers, appends, proofs, keep } => {

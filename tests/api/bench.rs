@@ -14,6 +14,7 @@ async fn the_benchmark_drives_every_item_to_the_inbox_and_the_sms_gateway() {
         &settings,
         dalil::bench::Options {
             items: 200,
+            seconds: None,
             clients: 8,
             // Separate serve, relay, scheduler and worker processes, as in production.
             workers: 1,
@@ -31,6 +32,7 @@ async fn the_benchmark_drives_every_item_to_the_inbox_and_the_sms_gateway() {
     assert_eq!(report.consigned, 200);
     assert_eq!(report.sms_sent, 200);
     assert!(report.accept_latency.p99_ms > 0.0 && report.consign_latency.p99_ms > 0.0);
+    assert!((1..=200).contains(&report.backlog_peak), "{report:?}");
     assert_eq!(report.worker_processes, 1);
     assert!(report.peak_rss_mib > 1.0 && report.cpu_seconds > 0.0, "{report:?}");
     assert!(report.pg_three_row_tx_per_second > 0.0 && report.rabbitmq_confirmed_publishes_per_second > 0.0);
