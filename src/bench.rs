@@ -34,6 +34,9 @@ pub struct Options {
     pub items: usize,
     /// Send for this long instead of a number of items (`items` is then ignored).
     pub seconds: Option<u64>,
+    /// Send at this rate (items/s), with at most `clients` requests in flight, instead of
+    /// `clients` clients each sending as fast as it is answered.
+    pub rate: Option<f64>,
     pub clients: usize,
     /// Worker processes; 0 runs everything in one `dalil all` process.
     pub workers: usize,
@@ -98,6 +101,8 @@ pub struct Report {
     pub items: usize,
     /// How long items were sent for, when the run was given a time.
     pub seconds: Option<u64>,
+    /// The rate items were offered at (items/s), when the run was given one.
+    pub offered_per_second: Option<f64>,
     pub clients: usize,
     pub worker_processes: usize,
     pub accepted: usize,
@@ -190,6 +195,7 @@ fn free_port() -> anyhow::Result<u16> {
 pub async fn run(base: &Settings, o: Options) -> anyhow::Result<Report> {
     anyhow::ensure!(o.items > 0 && o.clients > 0, "--items and --clients must be at least 1");
     anyhow::ensure!(o.seconds != Some(0), "--seconds must be at least 1");
+    anyhow::ensure!(o.rate.is_none_or(|r| r.is_finite() && r > 0.0), "--rate must be more than 0 items/s");
     let stamp = format!("{}_{}", Utc::now().format("%Y%m%d_%H%M%S"), &Uuid::new_v4().simple().to_string()[..6]);
     let db_name = format!("dalil_bench_{stamp}");
     let dir = std::env::temp_dir().join(format!("dalil-bench-{stamp}"));
@@ -307,7 +313,6 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
     let key = setup(&pool, recipients).await?;
 
     // Drive.
-    let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     use std::io::IsTerminal;
@@ -322,60 +327,11 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         None
     };
     let stop_at = o.seconds.map(|secs| started + Duration::from_secs(secs));
-    let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..o.clients {
-        let (http, next, done, key, url) = (http.clone(), next.clone(), done.clone(), key.clone(), base_url.clone());
-        clients.spawn(async move {
-            let mut latencies = Vec::new();
-            let mut refused = 0usize;
-            loop {
-                if stop_at.is_some_and(|at| Instant::now() >= at) {
-                    break;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
-                    break;
-                }
-                let body = item(i, recipients);
-                let t = Instant::now();
-                let r = http
-                    .post(format!("{url}/v1/correspondence"))
-                    .bearer_auth(&key)
-                    .header("Idempotency-Key", format!("bench-{i}"))
-                    .json(&body)
-                    .send()
-                    .await;
-                match r {
-                    Ok(r) if r.status().as_u16() == 202 => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
-                    Ok(r) => {
-                        refused += 1;
-                        if refused == 1 {
-                            eprintln!(
-                                "\nbench: item {i} refused: {} {}",
-                                r.status(),
-                                r.text().await.unwrap_or_default()
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        refused += 1;
-                        if refused == 1 {
-                            eprintln!("\nbench: item {i} failed: {e}");
-                        }
-                    }
-                }
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            (latencies, refused)
-        });
-    }
-    let mut accept_ms = Vec::with_capacity(o.items);
-    let mut refused = 0;
-    while let Some(r) = clients.join_next().await {
-        let (l, f) = r?;
-        accept_ms.extend(l);
-        refused += f;
-    }
+    let submit = Submitter { http: http.clone(), url: base_url.clone(), key: key.clone(), recipients };
+    let (accept_ms, refused) = match o.rate {
+        None => closed_loop(&submit, o.clients, total, stop_at, &done).await?,
+        Some(rate) => open_loop(&submit, rate, o.clients, total, stop_at, &done, started).await?,
+    };
     let accept_elapsed = started.elapsed().as_secs_f64();
     let accepted = accept_ms.len();
     let sent = accepted + refused;
@@ -443,6 +399,7 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
     Ok(Report {
         items: sent,
         seconds: o.seconds,
+        offered_per_second: o.rate,
         clients: o.clients,
         worker_processes: o.workers,
         accepted,
@@ -463,6 +420,123 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         accepted_ratio_to_pg: accepted_per_second / pg,
         end_to_end_ratio_to_pg: end_to_end_per_second / pg,
     })
+}
+
+/// Sends items to the API.
+#[derive(Clone)]
+struct Submitter {
+    http: reqwest::Client,
+    url: String,
+    key: String,
+    recipients: usize,
+}
+
+impl Submitter {
+    /// Submits item `i`; `Ok` when it was accepted (202), else why not.
+    async fn send(&self, i: usize) -> Result<(), String> {
+        let r = self
+            .http
+            .post(format!("{}/v1/correspondence", self.url))
+            .bearer_auth(&self.key)
+            .header("Idempotency-Key", format!("bench-{i}"))
+            .json(&item(i, self.recipients))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status().as_u16() == 202 => Ok(()),
+            Ok(r) => Err(format!("item {i} refused: {} {}", r.status(), r.text().await.unwrap_or_default())),
+            Err(e) => Err(format!("item {i} failed: {e}")),
+        }
+    }
+}
+
+/// Accept latencies (ms) of the accepted items and how many were refused, from the tasks that
+/// sent them; the first refusal is printed.
+async fn gather(mut tasks: tokio::task::JoinSet<(Vec<f64>, Vec<String>)>) -> anyhow::Result<(Vec<f64>, usize)> {
+    let (mut accept_ms, mut refused) = (Vec::new(), 0);
+    let mut first = None;
+    while let Some(r) = tasks.join_next().await {
+        let (l, f) = r?;
+        accept_ms.extend(l);
+        refused += f.len();
+        first = first.or(f.into_iter().next());
+    }
+    if let Some(why) = first {
+        eprintln!("\nbench: {why}");
+    }
+    Ok((accept_ms, refused))
+}
+
+/// `clients` clients, each sending its next item as soon as the last one is answered: the
+/// rate is what the server sustains, and latency grows with the clients (Little's law).
+async fn closed_loop(
+    submit: &Submitter,
+    clients: usize,
+    total: usize,
+    stop_at: Option<Instant>,
+    done: &Arc<AtomicUsize>,
+) -> anyhow::Result<(Vec<f64>, usize)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (submit, next, done) = (submit.clone(), next.clone(), done.clone());
+        tasks.spawn(async move {
+            let (mut latencies, mut refused) = (Vec::new(), Vec::new());
+            loop {
+                if stop_at.is_some_and(|at| Instant::now() >= at) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let t = Instant::now();
+                match submit.send(i).await {
+                    Ok(()) => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(why) => refused.push(why),
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            (latencies, refused)
+        });
+    }
+    gather(tasks).await
+}
+
+/// Items sent at a fixed rate, whatever the answers (at most `in_flight` at once). Each
+/// latency counts from the moment its item was due, so time spent waiting for a slot counts
+/// too: a server that falls behind cannot hide it (no coordinated omission).
+async fn open_loop(
+    submit: &Submitter,
+    rate: f64,
+    in_flight: usize,
+    total: usize,
+    stop_at: Option<Instant>,
+    done: &Arc<AtomicUsize>,
+    started: Instant,
+) -> anyhow::Result<(Vec<f64>, usize)> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        if stop_at.is_some_and(|at| due >= at) {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        let slot = slots.clone().acquire_owned().await?;
+        let (submit, done) = (submit.clone(), done.clone());
+        tasks.spawn(async move {
+            let r = submit.send(i).await;
+            let ms = due.elapsed().as_secs_f64() * 1000.0;
+            drop(slot);
+            done.fetch_add(1, Ordering::Relaxed);
+            match r {
+                Ok(()) => (vec![ms], Vec::new()),
+                Err(why) => (Vec::new(), vec![why]),
+            }
+        });
+    }
+    gather(tasks).await
 }
 
 /// The bench's agency, its key, and recipients with a phone (so each item sends an SMS).
@@ -615,10 +689,13 @@ pub fn table(r: &Report) -> String {
         out.push_str(&format!("  {what:<44} {value:>14}   {note}\n"));
     };
     out.push_str(&format!(
-        "\nDalil bench: {} items{}, {} clients, {}\n\n",
+        "\nDalil bench: {} items{}, {}, {}\n\n",
         r.items,
         r.seconds.map(|s| format!(" in {s} s")).unwrap_or_default(),
-        r.clients,
+        match r.offered_per_second {
+            Some(rate) => format!("offered at {rate:.0}/s (at most {} in flight)", r.clients),
+            None => format!("{} clients", r.clients),
+        },
         if r.worker_processes == 0 {
             "one `dalil all` process".to_string()
         } else {
@@ -664,7 +741,7 @@ pub fn table(r: &Report) -> String {
     row(&mut out, "in inbox / SMS at gateway", format!("{} / {}", r.consigned, r.sms_sent), String::new());
     row(
         &mut out,
-        "backlog (accepted, not in inbox): peak / growth",
+        "backlog peak / growth (not yet in inbox)",
         format!("{} / {:+.1}/s", r.backlog_peak, r.backlog_growth_per_second),
         "target: does not grow".into(),
     );

@@ -73,9 +73,13 @@ pub enum Command {
         /// sustained run: the table's backlog line shows whether delivery kept up).
         #[arg(long, conflicts_with = "items")]
         seconds: Option<u64>,
-        /// Concurrent HTTP clients.
+        /// Concurrent HTTP clients (with --rate: requests in flight at most).
         #[arg(long, default_value_t = 64)]
         clients: usize,
+        /// Offer items at this rate (items/s) instead of as fast as the clients are answered;
+        /// latency then counts from when each item was due (open loop).
+        #[arg(long)]
+        rate: Option<f64>,
         /// Worker processes (with separate serve, relay and scheduler processes); 0 runs one
         /// `dalil all`.
         #[arg(long, default_value_t = 0)]
@@ -388,11 +392,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             .serve(listener, app::shutdown_token())
             .await
         }
-        Command::Bench { items, seconds, clients, workers, ceiling_seconds, json, keep } => {
+        Command::Bench { items, seconds, clients, rate, workers, ceiling_seconds, json, keep } => {
             let binary = std::env::current_exe().context("finding the dalil binary")?;
             let options = crate::bench::Options {
                 items,
                 seconds,
+                rate,
                 clients,
                 workers,
                 ceiling_seconds,

@@ -15,6 +15,7 @@ async fn the_benchmark_drives_every_item_to_the_inbox_and_the_sms_gateway() {
         dalil::bench::Options {
             items: 200,
             seconds: None,
+            rate: None,
             clients: 8,
             // Separate serve, relay, scheduler and worker processes, as in production.
             workers: 1,
@@ -39,5 +40,38 @@ async fn the_benchmark_drives_every_item_to_the_inbox_and_the_sms_gateway() {
     let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(written["consigned"], 200);
     assert!(dalil::bench::table(&report).contains("end-to-end items/s"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_a_fixed_rate_the_benchmark_sends_for_the_time_given_and_every_item_arrives() {
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let dir = std::env::temp_dir().join(format!("dalil-bench-test-{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let settings = test_settings(&id, &dir, &amqp_base());
+    let report = dalil::bench::run(
+        &settings,
+        dalil::bench::Options {
+            items: 1,
+            // 2 s at 50 items/s: 100 items, whatever --items says.
+            seconds: Some(2),
+            rate: Some(50.0),
+            clients: 16,
+            workers: 0,
+            ceiling_seconds: 1,
+            json: None,
+            keep: false,
+            binary: env!("CARGO_BIN_EXE_dalil").into(),
+            print: false,
+        },
+    )
+    .await
+    .expect("the benchmark runs");
+    assert_eq!((report.items, report.accepted, report.refused), (100, 100, 0), "{report:?}");
+    assert_eq!((report.consigned, report.sms_sent), (100, 100));
+    assert_eq!(report.offered_per_second, Some(50.0));
+    // Offered at 50/s for 2 s: accepted at about that rate, not as fast as the server could.
+    assert!((40.0..=55.0).contains(&report.accepted_per_second), "{report:?}");
+    assert!(dalil::bench::table(&report).contains("offered at 50/s"));
     let _ = std::fs::remove_dir_all(&dir);
 }
