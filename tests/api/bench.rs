@@ -71,7 +71,7 @@ async fn at_a_fixed_rate_the_benchmark_sends_for_the_time_given_and_every_item_a
     assert_eq!((report.consigned, report.sms_sent), (100, 100));
     assert_eq!(report.offered_per_second, Some(50.0));
     // Offered at 50/s for 2 s: accepted at about that rate, not as fast as the server could.
-    assert!((40.0..=55.0).contains(&report.accepted_per_second), "{report:?}");
+    assert!((30.0..=55.0).contains(&report.accepted_per_second), "{report:?}");
     assert!(dalil::bench::table(&report).contains("offered at 50/s"));
     let _ = std::fs::remove_dir_all(&dir);
 }
