@@ -69,6 +69,8 @@ pub struct RelaySettings {
 pub struct WorkerSettings {
     pub prefetch: u16,
     pub concurrency: usize,
+    /// Batches in flight for the inbox queue, whose work is database writes only.
+    pub inbox_concurrency: usize,
     /// Deliveries of one queue recorded together, at most.
     pub batch_size: usize,
     pub channels: Vec<String>,
@@ -225,8 +227,8 @@ impl Settings {
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             bail!("listen must be host:port with an IP address, got {:?}", self.listen);
         }
-        if self.worker.concurrency == 0 || self.worker.prefetch == 0 {
-            bail!("worker.concurrency and worker.prefetch must be at least 1");
+        if self.worker.concurrency == 0 || self.worker.inbox_concurrency == 0 || self.worker.prefetch == 0 {
+            bail!("worker.concurrency, worker.inbox_concurrency and worker.prefetch must be at least 1");
         }
         for (name, expr) in self.scheduler.jobs() {
             if let Err(e) = expr.parse::<cron::Schedule>() {

@@ -507,7 +507,11 @@ async fn consume(
         .await?;
     tracing::info!(queue = queue_name, "worker: consuming");
     *connected = true;
-    let limit = Arc::new(Semaphore::new(settings.worker.concurrency));
+    let concurrency = match handler.name() {
+        "inbox" => settings.worker.inbox_concurrency,
+        _ => settings.worker.concurrency,
+    };
+    let limit = Arc::new(Semaphore::new(concurrency));
     let acks: Arc<Mutex<Acks>> = Arc::default();
     let ladder = topology.retry_ladder();
     let batch_size = settings.worker.batch_size.max(1);
@@ -596,7 +600,7 @@ async fn consume(
     };
     // Drain: wait until every delivery in flight has been settled before closing, so nothing
     // is acked early or abandoned half-way.
-    let _all = limit.acquire_many(settings.worker.concurrency as u32).await?;
+    let _all = limit.acquire_many(concurrency as u32).await?;
     let _ = conn.close(200, ShortString::from("shutdown")).await;
     result
 }
