@@ -68,7 +68,8 @@ fn latency(mut ms: Vec<f64>) -> Latency {
 }
 
 /// The backlog of a run from each item's acceptance and delivery times: its peak, and its
-/// growth per second from the first acceptance to the last (least squares over 100-ms samples).
+/// growth per second over the second half of the sending (least squares over 100-ms samples;
+/// the first half holds the warm-up, while the backlog rises to its working level).
 pub fn backlog(pairs: &[(DateTime<Utc>, DateTime<Utc>)]) -> (usize, f64) {
     let mut accepted: Vec<DateTime<Utc>> = pairs.iter().map(|(a, _)| *a).collect();
     let mut delivered: Vec<DateTime<Utc>> = pairs.iter().map(|(_, d)| *d).collect();
@@ -85,6 +86,8 @@ pub fn backlog(pairs: &[(DateTime<Utc>, DateTime<Utc>)]) -> (usize, f64) {
         t += step;
     }
     let peak = samples.iter().map(|(_, b)| *b).fold(at(last), f64::max).max(0.0) as usize;
+    let half = samples.len() / 2;
+    let samples = &samples[half..];
     if samples.len() < 2 {
         return (peak, 0.0);
     }
@@ -116,7 +119,7 @@ pub struct Report {
     pub sms_latency: Latency,
     /// Items accepted and not yet in the inbox: the most at any moment of the run.
     pub backlog_peak: usize,
-    /// How fast that backlog grew while items were being sent (least squares over 100-ms
+    /// How fast that backlog grew in the second half of the sending (least squares over 100-ms
     /// samples); about 0 when delivery keeps up, the shortfall in items/s when it does not.
     pub backlog_growth_per_second: f64,
     pub peak_rss_mib: f64,
