@@ -1,14 +1,11 @@
 //! `dalil bench`, briefly: the harness starts Dalil, drives items end to end and reports. A
 //! smoke test that every item arrived, not a speed (speed targets live in the benchmark).
 
-use crate::helpers::{amqp_base, test_settings};
+use crate::helpers::scratch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_benchmark_drives_every_item_to_the_inbox_and_the_sms_gateway() {
-    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let dir = std::env::temp_dir().join(format!("dalil-bench-test-{id}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let settings = test_settings(&id, &dir, &amqp_base());
+    let (_, dir, settings) = scratch("bench-test");
     let json = dir.join("bench.json");
     let report = dalil::bench::run(
         &settings,
@@ -45,10 +42,7 @@ async fn the_benchmark_drives_every_item_to_the_inbox_and_the_sms_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_a_fixed_rate_the_benchmark_sends_for_the_time_given_and_every_item_arrives() {
-    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let dir = std::env::temp_dir().join(format!("dalil-bench-test-{id}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let settings = test_settings(&id, &dir, &amqp_base());
+    let (_, dir, settings) = scratch("bench-test");
     let report = dalil::bench::run(
         &settings,
         dalil::bench::Options {

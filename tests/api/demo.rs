@@ -1,14 +1,11 @@
 //! `dalil demo`, the README's first command, runs to the end: every item is served by the
 //! rule its story calls for and every proof bundle verifies offline.
 
-use crate::helpers::{amqp_base, test_settings};
+use crate::helpers::scratch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_plays_the_whole_story_and_every_bundle_verifies() {
-    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let dir = std::env::temp_dir().join(format!("dalil-demo-test-{id}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut settings = test_settings(&id, &dir, &amqp_base());
+    let (_, dir, mut settings) = scratch("demo-test");
     // No SMTP server here: the demo must fall back to .eml files.
     settings.email.smtp_port = 9;
     let before = std::fs::read_dir("var/demo").map(|d| d.count()).unwrap_or(0);

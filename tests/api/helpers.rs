@@ -78,6 +78,16 @@ fn short_retries_topology(dir: &std::path::Path) -> String {
     path.display().to_string()
 }
 
+/// A test's own id, scratch folder (`dalil-<what>-<id>` in the temp dir) and settings, for
+/// tests that start Dalil their own way rather than through [`TestApp`].
+pub fn scratch(what: &str) -> (String, PathBuf, Settings) {
+    let id = Uuid::new_v4().simple().to_string()[..12].to_string();
+    let dir = std::env::temp_dir().join(format!("dalil-{what}-{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let settings = test_settings(&id, &dir, &amqp_base());
+    (id, dir, settings)
+}
+
 /// Settings for one test: its own database name, queue prefix and keys.
 pub fn test_settings(id: &str, dir: &std::path::Path, amqp_url: &str) -> Settings {
     let defaults = std::fs::read_to_string(repo_path("config/default.toml")).unwrap();

@@ -1,6 +1,6 @@
 use serde_json::Value;
 
-use crate::helpers::{amqp_base, test_settings, TestApp};
+use crate::helpers::{scratch, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_the_openapi_document() {
@@ -21,10 +21,7 @@ async fn health_readiness_and_the_openapi_document() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_started_before_the_topology_exists_says_so() {
-    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let dir = std::env::temp_dir().join(format!("dalil-notopo-{id}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let settings = test_settings(&id, &dir, &amqp_base());
+    let (id, dir, settings) = scratch("notopo");
     dalil::db::migrate(&settings).await.unwrap();
     let err = dalil::app::App::build(settings).await.err().expect("must refuse to start");
     assert!(format!("{err:#}").contains("run `dalil topology`"), "{err:#}");
