@@ -210,12 +210,13 @@ async fn load_job(conn: &mut sqlx::PgConnection, attempt_id: Uuid) -> Result<Opt
 /// meanwhile (a redelivered copy won) is left as it is.
 async fn record_delivered(pool: &PgPool, channel: &dyn Channel, batch: &[(&Job, &Sent)]) -> Result<(), ChannelError> {
     let mut tx = pool.begin().await?;
-    // Lock order everywhere: item, step, attempt (a recall takes them in that order; two copies
-    // of one message racing each other finish once, on the attempt's lock). Sorted, so batches
-    // never deadlock. A delivery that consigns the item changes it, so it locks the item, as a
-    // recall does. A notice (SMS, email) leaves the item as it is and locks only its steps: it
-    // does not wait for the inbox batch of the same items, which used to cost as much waiting
-    // as all other statements together (docs/performance.md).
+    // Lock order everywhere: item, step, attempt (a recall, an escalation and a recorded failure
+    // take them in that order; two copies of one message racing each other finish once, on the
+    // attempt's lock). Sorted, so batches never deadlock. A delivery that consigns the item
+    // changes it, so it locks the item first, as a recall does. A notice (SMS, email) leaves
+    // the item as it is and starts at its steps: it does not wait for the inbox batch of the
+    // same items, which used to cost as much waiting as all other statements together
+    // (docs/performance.md).
     if batch.iter().any(|(_, sent)| sent.event == Some(Event::ContentConsignment)) {
         let mut items: Vec<Uuid> = batch.iter().map(|(j, _)| j.item.item_id).collect();
         items.sort();
@@ -224,16 +225,15 @@ async fn record_delivered(pool: &PgPool, channel: &dyn Channel, batch: &[(&Job, 
             .bind(&items)
             .execute(&mut *tx)
             .await?;
-    } else {
-        let mut steps: Vec<Uuid> = batch.iter().map(|(j, _)| j.step_id).collect();
-        steps.sort();
-        steps.dedup();
-        sqlx::query("select 1 from step where id = any($1) order by id for no key update")
-            .bind(&steps)
-            .persistent(false)
-            .execute(&mut *tx)
-            .await?;
     }
+    let mut steps: Vec<Uuid> = batch.iter().map(|(j, _)| j.step_id).collect();
+    steps.sort();
+    steps.dedup();
+    sqlx::query("select 1 from step where id = any($1) order by id for no key update")
+        .bind(&steps)
+        .persistent(false)
+        .execute(&mut *tx)
+        .await?;
     let mut attempts: Vec<Uuid> = batch.iter().map(|(j, _)| j.attempt_id).collect();
     attempts.sort();
     let queued: Vec<Uuid> =
@@ -328,7 +328,9 @@ async fn give_up(pool: &PgPool, channel: &dyn Channel, body: &[u8], why: &str) -
 async fn record_failure(pool: &PgPool, channel: &dyn Channel, attempt_id: Uuid, why: &str) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     let Some((job, _)) = load_job(&mut tx, attempt_id).await? else { return Ok(()) };
+    // The same lock order as a batch: item, step, attempt.
     sqlx::query("select 1 from item where id = $1 for no key update").bind(job.item.item_id).execute(&mut *tx).await?;
+    sqlx::query("select 1 from step where id = $1 for no key update").bind(job.step_id).execute(&mut *tx).await?;
     let status: String = sqlx::query_scalar("select status from attempt where id = $1 for update")
         .bind(attempt_id)
         .fetch_one(&mut *tx)
@@ -555,6 +557,10 @@ async fn consume(
         let (handler, amqp, ladder, acks) = (handler.clone(), amqp.clone(), ladder.clone(), acks.clone());
         let topology = topology.clone();
         tokio::spawn(async move {
+            // A batch that ends without settling its deliveries (a panic) would keep every
+            // later ack of the channel waiting: then the channel is closed, and the broker
+            // delivers again whatever was not acked.
+            let unfinished = CloseUnlessFinished(Some(amqp.clone()));
             let messages: Vec<(&[u8], u32)> = batch.iter().map(|d| (d.data.as_slice(), retries_of(d))).collect();
             let outcomes = handler.process_batch(&messages).await;
             drop(messages);
@@ -583,15 +589,25 @@ async fn consume(
                 }
                 acks.lock().await.settled(tag);
             }
-            // One ack for the batch, sent (under the lock, so in order) once every earlier
-            // delivery of the channel is settled too.
+            // Acks under the lock, so in order: one for every delivery up to where all are
+            // settled, and this batch's others one by one, so that a slow earlier batch (a
+            // provider timing out) does not hold them, nor the queue behind them.
             let mut acks = acks.lock().await;
-            if let Some(upto) = acks.done(&done) {
-                if let Err(e) = amqp.basic_ack(upto, BasicAckOptions { multiple: true }).await {
-                    tracing::warn!(error = %e, "worker: could not ack; the broker will redeliver");
+            let (upto, alone) = acks.done(&done);
+            let mut sent = Ok(());
+            if let Some(upto) = upto {
+                sent = amqp.basic_ack(upto, BasicAckOptions { multiple: true }).await;
+            }
+            for tag in alone {
+                if sent.is_ok() {
+                    sent = amqp.basic_ack(tag, BasicAckOptions { multiple: false }).await;
                 }
             }
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "worker: could not ack; the broker will redeliver");
+            }
             drop(acks);
+            unfinished.finished();
             drop(permit);
         });
         if let Some(e) = ended {
@@ -605,10 +621,32 @@ async fn consume(
     result
 }
 
+/// Closes the channel when dropped before [`CloseUnlessFinished::finished`] (a batch's task
+/// that panicked).
+struct CloseUnlessFinished(Option<AmqpChannel>);
+
+impl CloseUnlessFinished {
+    fn finished(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CloseUnlessFinished {
+    fn drop(&mut self) {
+        if let Some(channel) = self.0.take() {
+            tracing::error!("worker: a batch ended without settling its deliveries; closing the channel");
+            tokio::spawn(async move {
+                let _ = channel.close(500, ShortString::from("a batch ended without settling")).await;
+            });
+        }
+    }
+}
+
 /// The deliveries of one channel that are not settled yet. Work that is done is acked with one
 /// `multiple` ack per batch instead of one ack per message (RabbitMQ settles them as one
 /// command). Such an ack covers every unsettled delivery up to its tag, those of other batches
-/// still in flight included, so it goes out only up to the first delivery that is not done.
+/// still in flight included, so it goes out only up to the first delivery that is not done;
+/// the rest of a batch is acked one by one.
 #[derive(Debug, Default)]
 struct Acks {
     /// Delivered and not settled: tag → done (processed, waiting for the ack that covers it).
@@ -625,9 +663,10 @@ impl Acks {
         self.open.remove(&tag);
     }
 
-    /// Marks these done. Returns the tag a `multiple` ack may now be sent for, when there is
-    /// one: every open delivery up to it is done. Those are forgotten.
-    fn done(&mut self, tags: &[u64]) -> Option<u64> {
+    /// Marks these done (a batch's). Returns the tag a `multiple` ack may now be sent for, when
+    /// there is one (every open delivery up to it is done), and those of these tags it does not
+    /// cover, to be acked one by one. All of them are forgotten.
+    fn done(&mut self, tags: &[u64]) -> (Option<u64>, Vec<u64>) {
         for tag in tags {
             if let Some(done) = self.open.get_mut(tag) {
                 *done = true;
@@ -638,7 +677,8 @@ impl Acks {
             self.open.pop_first();
             upto = Some(tag);
         }
-        upto
+        let alone: Vec<u64> = tags.iter().copied().filter(|tag| self.open.remove(tag).is_some()).collect();
+        (upto, alone)
     }
 }
 
@@ -711,40 +751,51 @@ mod tests {
     use super::Acks;
 
     #[test]
-    fn a_batch_is_acked_once_every_earlier_delivery_is_settled() {
+    fn a_batch_is_acked_with_one_multiple_ack_when_every_earlier_delivery_is_settled() {
+        let mut acks = Acks::default();
+        for tag in 1..=6 {
+            acks.delivered(tag);
+        }
+        assert_eq!(acks.done(&[1, 2, 3]), (Some(3), vec![]));
+        assert_eq!(acks.done(&[4, 5, 6]), (Some(6), vec![]));
+        assert_eq!(acks.done(&[]), (None, vec![]));
+    }
+
+    #[test]
+    fn a_batch_that_finishes_before_an_earlier_one_is_acked_one_by_one() {
         let mut acks = Acks::default();
         for tag in 1..=6 {
             acks.delivered(tag);
         }
         // The second batch (4–6) finishes first: 1–3 are still being worked on, and an ack
-        // with `multiple` for 6 would cover them.
-        assert_eq!(acks.done(&[4, 5, 6]), None);
-        // Then the first: one ack covers both batches.
-        assert_eq!(acks.done(&[1, 2, 3]), Some(6));
-        assert_eq!(acks.done(&[]), None);
+        // with `multiple` for 6 would cover them. It does not wait for them either.
+        assert_eq!(acks.done(&[4, 5, 6]), (None, vec![4, 5, 6]));
+        // Then the first: its ack with `multiple` covers only itself (4–6 are acked already).
+        assert_eq!(acks.done(&[1, 2, 3]), (Some(3), vec![]));
+        assert!(acks.open.is_empty());
     }
 
     #[test]
-    fn a_delivery_settled_on_its_own_does_not_hold_the_others_back() {
+    fn a_delivery_settled_on_its_own_is_never_covered_by_a_multiple_ack() {
         let mut acks = Acks::default();
         for tag in 1..=4 {
             acks.delivered(tag);
         }
-        // 2 is retried (acked on its own after its copy is published); 1, 3 and 4 are done.
-        assert_eq!(acks.done(&[1]), Some(1));
-        assert_eq!(acks.done(&[3, 4]), None);
+        // 2 is retried: acked on its own after its copy is published, while 1, 3 and 4 are done.
         acks.settled(2);
-        assert_eq!(acks.done(&[]), Some(4));
+        assert_eq!(acks.done(&[1, 3, 4]), (Some(4), vec![]));
     }
 
     #[test]
-    fn the_ack_stops_at_the_first_delivery_still_in_flight() {
+    fn the_multiple_ack_stops_at_the_first_delivery_still_in_flight() {
         let mut acks = Acks::default();
         for tag in 10..=15 {
             acks.delivered(tag);
         }
-        assert_eq!(acks.done(&[10, 11, 13, 14]), Some(11));
-        assert_eq!(acks.done(&[15]), None);
-        assert_eq!(acks.done(&[12]), Some(15));
+        // 12 belongs to a batch still being worked on.
+        assert_eq!(acks.done(&[10, 11, 13, 14]), (Some(11), vec![13, 14]));
+        assert_eq!(acks.done(&[15]), (None, vec![15]));
+        assert_eq!(acks.done(&[12]), (Some(12), vec![]));
+        assert!(acks.open.is_empty());
     }
 }

@@ -1051,6 +1051,13 @@ pub async fn recall(
         });
     }
     let at = evidence::now();
+    // Steps in id order, as the workers lock them (item, step, attempt everywhere).
+    sqlx::query(
+        "select 1 from step where item_id = $1 and status in ('scheduled', 'queued') order by id for no key update",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
     let cancelled: Vec<(String, String)> = sqlx::query_as(
         "update step s set status = 'cancelled', note = 'recalled by the sender', updated_at = now()
          from step old where s.id = old.id and s.item_id = $1 and s.status in ('scheduled', 'queued')
