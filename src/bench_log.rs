@@ -127,7 +127,9 @@ async fn measure(pool: &PgPool, s: &Settings, o: &Options) -> anyhow::Result<()>
         let took = t.elapsed();
         total += took;
         worst = worst.max(took);
-        let leaf: Vec<u8> = sqlx::query_scalar("select leaf_hash from evidence where log_index = $1")
+        let leaf: Vec<u8> = sqlx::query_scalar(
+            "select e.leaf_hash from log_entry l join evidence e on e.evidence_id = l.evidence_id where l.log_index = $1",
+        )
             .bind(index as i64)
             .fetch_one(&mut *conn)
             .await?;

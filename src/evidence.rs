@@ -368,8 +368,9 @@ pub async fn append_for_recipient(
 /// A recipient's own records (settings changes), oldest first.
 pub async fn for_recipient(conn: &mut PgConnection, recipient_id: Uuid) -> sqlx::Result<Vec<StoredEvidence>> {
     let rows: Vec<EvidenceRow> = sqlx::query_as(
-        "select evidence_id, log_index, event, at, channel, canonical, sha256 from evidence where recipient_id = $1
-         order by seq",
+        "select e.evidence_id, (select l.log_index from log_entry l where l.evidence_id = e.evidence_id) as log_index,
+                e.event, e.at, e.channel, e.canonical, e.sha256
+         from evidence e where e.recipient_id = $1 order by e.seq",
     )
     .bind(recipient_id)
     .fetch_all(conn)
@@ -419,8 +420,9 @@ struct EvidenceRow {
 
 pub async fn for_item(conn: &mut PgConnection, item_id: Uuid) -> sqlx::Result<Vec<StoredEvidence>> {
     let rows: Vec<EvidenceRow> = sqlx::query_as(
-        "select evidence_id, log_index, event, at, channel, canonical, sha256 from evidence where item_id = $1
-         order by seq",
+        "select e.evidence_id, (select l.log_index from log_entry l where l.evidence_id = e.evidence_id) as log_index,
+                e.event, e.at, e.channel, e.canonical, e.sha256
+         from evidence e where e.item_id = $1 order by e.seq",
     )
     .bind(item_id)
     .fetch_all(conn)

@@ -30,33 +30,58 @@ const CHUNK: i64 = 100_000;
 /// Records sequenced per statement.
 const SEQUENCE_CHUNK: i64 = 20_000;
 
-/// Gives every committed record without an index the next indexes, in insertion order, and
-/// moves the head. The caller holds [`LOG_LOCK`] in its transaction. Only records this
-/// statement's snapshot sees as committed are taken, so a record committed later gets a later
-/// index: none is skipped, none is indexed twice (the unique index on `log_index` and the
-/// table's trigger would refuse it), and indexes stay dense.
+/// Gives every committed record without a log entry the next indexes, in insertion order, and
+/// moves the head. The caller holds [`LOG_LOCK`] in its transaction.
+///
+/// A pass looks at the records written by transactions from the head's `xid_floor` on, and
+/// takes those without an entry. Only records this statement's snapshot sees as committed are
+/// taken, so a record committed later gets a later index: none is skipped, none is indexed twice
+/// (`log_entry` is unique on both columns and refuses updates), and indexes stay dense. When a
+/// pass took everything it found, the floor rises to the oldest transaction still running in
+/// the pass's snapshot: every transaction older than that had ended, so its records were seen.
 async fn sequence_locked(conn: &mut PgConnection) -> anyhow::Result<u64> {
     let mut total = 0u64;
     loop {
-        let n: i64 = sqlx::query_scalar(
-            "with head as (select size from evidence_log_head),
-                  pending as (select evidence_id, row_number() over (order by seq) - 1 as rn
-                              from evidence where log_index is null order by seq limit $1),
-                  assigned as (update evidence e set log_index = (select size from head) + p.rn
-                               from pending p where e.evidence_id = p.evidence_id returning 1),
-                  moved as (update evidence_log_head set size = size + (select count(*) from assigned)
-                            returning size)
-             select count(*) from assigned",
-        )
-        .bind(SEQUENCE_CHUNK)
-        .fetch_one(&mut *conn)
-        .await?;
+        let n: i64 = sqlx::query_scalar(&SEQUENCE_SQL).bind(SEQUENCE_CHUNK).fetch_one(&mut *conn).await?;
         total += n as u64;
         if n < SEQUENCE_CHUNK {
             return Ok(total);
         }
     }
 }
+
+/// The sequencer's pass: see [`sequence_locked`].
+static SEQUENCE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "with head as (select size, xid_floor from evidence_log_head),
+                  pending as (select e.evidence_id, row_number() over (order by e.seq) - 1 as rn
+                              from evidence e
+                              where e.xid >= (select xid_floor from head) and {UNSEQUENCED}
+                              order by e.seq limit $1),
+                  assigned as (insert into log_entry (log_index, evidence_id)
+                               select (select size from head) + rn, evidence_id from pending order by rn
+                               returning 1),
+                  taken as (select count(*) as n from assigned),
+                  moved as (update evidence_log_head
+                            set size = size + (select n from taken),
+                                xid_floor = case when (select n from taken) < $1
+                                                 then greatest(xid_floor, pg_snapshot_xmin(pg_current_snapshot()))
+                                                 else xid_floor end
+                            returning size)
+             select n from taken"
+    )
+});
+
+/// The records of `e` at or above the floor that have no log entry yet, as an SQL condition.
+///
+/// Written so that its cost follows the records written since the floor, never the log's size,
+/// whatever the statistics say (or do not: without autovacuum there are none). Bounded on both
+/// sides, the xid range is estimated small and read through its index; an upper bound of the
+/// snapshot's xmax excludes nothing the statement can see. The entry is looked up row by row,
+/// through its unique index: as a NOT EXISTS, the planner may hash the whole of `log_entry`
+/// instead, every pass.
+const UNSEQUENCED: &str = "e.xid < pg_snapshot_xmax(pg_current_snapshot())
+    and (select true from log_entry l where l.evidence_id = e.evidence_id) is null";
 
 /// Sequences the log (see [`sequence_locked`]); returns how many records got an index. With
 /// `wait = false`, returns 0 at once when another process holds the log's lock (it is
@@ -79,12 +104,11 @@ pub async fn sequence(pool: &PgPool, wait: bool) -> anyhow::Result<u64> {
 
 /// Records committed but not sequenced yet, and how long the oldest of them has waited.
 pub async fn sequencing_lag(pool: &PgPool) -> anyhow::Result<(i64, f64)> {
-    Ok(sqlx::query_as(
-        "select count(*), coalesce(extract(epoch from now() - min(created_at))::float8, 0)
-         from evidence where log_index is null",
-    )
-    .fetch_one(pool)
-    .await?)
+    let sql = format!(
+        "select count(*), coalesce(extract(epoch from now() - min(e.created_at))::float8, 0)
+         from evidence e where e.xid >= (select xid_floor from evidence_log_head) and {UNSEQUENCED}"
+    );
+    Ok(sqlx::query_as(&sql).fetch_one(pool).await?)
 }
 
 fn to_hash(bytes: &[u8]) -> anyhow::Result<Hash> {
@@ -100,11 +124,13 @@ pub async fn load_nodes(
     let (levels, idxs): (Vec<i16>, Vec<i64>) =
         keys.iter().filter(|(l, _)| *l > 0).map(|(l, i)| (*l as i16, *i as i64)).unzip();
     let mut nodes = HashMap::with_capacity(keys.len());
-    let rows: Vec<(i64, Vec<u8>)> =
-        sqlx::query_as("select log_index, leaf_hash from evidence where log_index = any($1) and log_index is not null")
-            .bind(&leaves)
-            .fetch_all(&mut *conn)
-            .await?;
+    let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+        "select l.log_index, e.leaf_hash from log_entry l join evidence e on e.evidence_id = l.evidence_id
+             where l.log_index = any($1)",
+    )
+    .bind(&leaves)
+    .fetch_all(&mut *conn)
+    .await?;
     for (i, h) in rows {
         nodes.insert((0, i as u64), to_hash(&h)?);
     }
@@ -181,7 +207,8 @@ async fn integrate_locked(conn: &mut PgConnection) -> anyhow::Result<u64> {
         }
         let upto = head.min(done + CHUNK as u64);
         let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-            "select log_index, leaf_hash from evidence where log_index >= $1 and log_index < $2 order by log_index",
+            "select l.log_index, e.leaf_hash from log_entry l join evidence e on e.evidence_id = l.evidence_id
+             where l.log_index >= $1 and l.log_index < $2 order by l.log_index",
         )
         .bind(done as i64)
         .bind(upto as i64)

@@ -136,11 +136,14 @@ pub async fn build(pool: &PgPool, signer: &Signer, item_id: Uuid) -> anyhow::Res
     let mut records: Vec<(Uuid, Option<i64>, Vec<u8>)> = Vec::new();
     for _ in 0..5 {
         log::sequence(pool, true).await?;
-        records =
-            sqlx::query_as("select evidence_id, log_index, canonical from evidence where item_id = $1 order by seq")
-                .bind(item_id)
-                .fetch_all(&mut *conn)
-                .await?;
+        records = sqlx::query_as(
+            "select e.evidence_id, (select l.log_index from log_entry l where l.evidence_id = e.evidence_id) as log_index,
+                        e.canonical
+                 from evidence e where e.item_id = $1 order by e.seq",
+        )
+        .bind(item_id)
+        .fetch_all(&mut *conn)
+        .await?;
         if records.iter().all(|r| r.1.is_some()) {
             break;
         }

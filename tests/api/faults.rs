@@ -176,13 +176,16 @@ async fn the_evidence_table_refuses_update_delete_and_truncate() {
     for sql in [
         "update evidence set event = 'Recall'",
         "update evidence set at = at - interval '1 day' where event = 'SubmissionAcceptance'",
-        // The sequencer gives an index once; nobody moves it afterwards.
-        "update evidence set log_index = log_index + 100",
         "delete from evidence",
         "truncate evidence",
+        // The sequencer gives an index once; nobody moves or removes it afterwards.
+        "update log_entry set log_index = log_index + 100",
+        "delete from log_entry",
+        "truncate log_entry",
     ] {
         let err = sqlx::query(sql).execute(&app.pool).await.unwrap_err();
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
     assert_eq!(app.count("select count(*) from evidence").await, 2);
+    assert_eq!(app.count("select count(*) from log_entry").await, 2);
 }
