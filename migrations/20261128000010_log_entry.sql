@@ -9,11 +9,13 @@
 -- and evidence refuses every UPDATE, as it did before there was a sequencer.
 --
 -- Finding what is left to sequence without a column to mark it: each record carries the id of
--- the transaction that wrote it (xid, 64-bit, never wraps). The head keeps a floor: every record
--- written by a transaction older than the floor has its entry. A pass takes the records at or
--- above the floor that have no entry yet, in insertion order, and, when it took all of them,
--- raises the floor to the oldest transaction still running in its own snapshot: anything older
--- has ended, so its records were visible to the pass and are sequenced now.
+-- the transaction that wrote it (xid, 64-bit, never wraps). The head remembers what the last
+-- complete pass could not see: transactions that had not started yet (xid at or above its
+-- snapshot's xmax, `xid_floor`) and those still running (its snapshot's in-progress list,
+-- `xid_pending`). Every other transaction had ended, so its records were visible to that pass
+-- and have their entries. A pass looks only at records of those transactions, by the xid
+-- index, so a long transaction anywhere on the server costs a lookup of its own records, not a
+-- scan of everything written since it began.
 
 -- Sequence what is pending, as the sequencer did until now, under the log's advisory lock
 -- (LOG_LOCK in src/log.rs), so every existing record has its index before the column goes.
@@ -47,9 +49,12 @@ alter table evidence add column xid xid8;
 alter table evidence alter column xid set default pg_current_xact_id();
 create index evidence_xid on evidence (xid) where xid is not null;
 
-alter table evidence_log_head add column xid_floor xid8 not null default '0';
+alter table evidence_log_head add column xid_floor xid8 not null default '0',
+                              add column xid_pending xid8[] not null default '{}';
 comment on column evidence_log_head.xid_floor is
-    'every record written by a transaction older than this has its log_entry; only the sequencer raises it';
+    'xmax of the last complete pass: records of transactions from here on may lack a log_entry';
+comment on column evidence_log_head.xid_pending is
+    'transactions in progress at the last complete pass: their records may lack a log_entry';
 
 -- Append-only again, without exception.
 drop trigger evidence_no_update on evidence;

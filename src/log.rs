@@ -33,12 +33,13 @@ const SEQUENCE_CHUNK: i64 = 20_000;
 /// Gives every committed record without a log entry the next indexes, in insertion order, and
 /// moves the head. The caller holds [`LOG_LOCK`] in its transaction.
 ///
-/// A pass looks at the records written by transactions from the head's `xid_floor` on, and
-/// takes those without an entry. Only records this statement's snapshot sees as committed are
-/// taken, so a record committed later gets a later index: none is skipped, none is indexed twice
-/// (`log_entry` is unique on both columns and refuses updates), and indexes stay dense. When a
-/// pass took everything it found, the floor rises to the oldest transaction still running in
-/// the pass's snapshot: every transaction older than that had ended, so its records were seen.
+/// Only records this statement's snapshot sees as committed are taken, so a record committed
+/// later gets a later index: none is skipped, none is indexed twice (`log_entry` is unique on
+/// both columns and refuses updates), and indexes stay dense. A pass looks only at records of
+/// the transactions the last complete pass could not see: those that had not started (`xid` at
+/// or above the head's `xid_floor`, that pass's xmax) and those still running (`xid_pending`).
+/// Every other transaction had ended before that pass, which therefore saw its records. When a
+/// pass takes everything it finds, it leaves its own xmax and in-progress list in the head.
 async fn sequence_locked(conn: &mut PgConnection) -> anyhow::Result<u64> {
     let mut total = 0u64;
     loop {
@@ -53,34 +54,38 @@ async fn sequence_locked(conn: &mut PgConnection) -> anyhow::Result<u64> {
 /// The sequencer's pass: see [`sequence_locked`].
 static SEQUENCE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "with head as (select size, xid_floor from evidence_log_head),
-                  pending as (select e.evidence_id, row_number() over (order by e.seq) - 1 as rn
-                              from evidence e
-                              where e.xid >= (select xid_floor from head) and {UNSEQUENCED}
-                              order by e.seq limit $1),
-                  assigned as (insert into log_entry (log_index, evidence_id)
-                               select (select size from head) + rn, evidence_id from pending order by rn
-                               returning 1),
-                  taken as (select count(*) as n from assigned),
-                  moved as (update evidence_log_head
-                            set size = size + (select n from taken),
-                                xid_floor = case when (select n from taken) < $1
-                                                 then greatest(xid_floor, pg_snapshot_xmin(pg_current_snapshot()))
-                                                 else xid_floor end
-                            returning size)
-             select n from taken"
+        "with head as (select size from evidence_log_head),
+              pending as (select e.evidence_id, row_number() over (order by e.seq) - 1 as rn
+                          from evidence e where {UNSEQUENCED}
+                          order by e.seq limit $1),
+              assigned as (insert into log_entry (log_index, evidence_id)
+                           select (select size from head) + rn, evidence_id from pending order by rn
+                           returning 1),
+              taken as (select count(*) as n from assigned),
+              moved as (update evidence_log_head
+                        set size = size + (select n from taken),
+                            xid_floor = case when (select n from taken) < $1
+                                             then pg_snapshot_xmax(pg_current_snapshot()) else xid_floor end,
+                            xid_pending = case when (select n from taken) < $1
+                                               then array(select pg_snapshot_xip(pg_current_snapshot()))
+                                               else xid_pending end
+                        returning size)
+         select n from taken"
     )
 });
 
-/// The records of `e` at or above the floor that have no log entry yet, as an SQL condition.
+/// The records of `e` that may still lack a log entry (see [`sequence_locked`]) and do, as an
+/// SQL condition.
 ///
-/// Written so that its cost follows the records written since the floor, never the log's size,
+/// Written so that its cost follows the records of those transactions, never the log's size,
 /// whatever the statistics say (or do not: without autovacuum there are none). Bounded on both
-/// sides, the xid range is estimated small and read through its index; an upper bound of the
-/// snapshot's xmax excludes nothing the statement can see. The entry is looked up row by row,
+/// sides, the xid range is estimated small and read through its index; the upper bound, the
+/// snapshot's xmax, excludes nothing the statement can see. The entry is looked up row by row,
 /// through its unique index: as a NOT EXISTS, the planner may hash the whole of `log_entry`
 /// instead, every pass.
-const UNSEQUENCED: &str = "e.xid < pg_snapshot_xmax(pg_current_snapshot())
+const UNSEQUENCED: &str = "((e.xid >= (select xid_floor from evidence_log_head)
+       and e.xid < pg_snapshot_xmax(pg_current_snapshot()))
+      or e.xid = any((select xid_pending from evidence_log_head)::xid8[]))
     and (select true from log_entry l where l.evidence_id = e.evidence_id) is null";
 
 /// Sequences the log (see [`sequence_locked`]); returns how many records got an index. With
@@ -106,7 +111,7 @@ pub async fn sequence(pool: &PgPool, wait: bool) -> anyhow::Result<u64> {
 pub async fn sequencing_lag(pool: &PgPool) -> anyhow::Result<(i64, f64)> {
     let sql = format!(
         "select count(*), coalesce(extract(epoch from now() - min(e.created_at))::float8, 0)
-         from evidence e where e.xid >= (select xid_floor from evidence_log_head) and {UNSEQUENCED}"
+         from evidence e where {UNSEQUENCED}"
     );
     Ok(sqlx::query_as(&sql).fetch_one(pool).await?)
 }

@@ -373,6 +373,7 @@ async fn the_sequencer_indexes_every_committed_record_once_densely_and_in_order(
     // A transaction that writes first and commits last.
     let mut slow = app.pool.begin().await.unwrap();
     evidence::append(&mut slow, &ctx, vec![record(0), record(1)]).await.unwrap();
+    let slow_xid: String = sqlx::query_scalar("select pg_current_xact_id()::text").fetch_one(&mut *slow).await.unwrap();
     // Twenty writers in parallel, five records each, while the sequencer runs between them.
     let mut writers = tokio::task::JoinSet::new();
     for w in 0..20 {
@@ -394,11 +395,20 @@ async fn the_sequencer_indexes_every_committed_record_once_densely_and_in_order(
     assert_eq!(app.count("select size from evidence_log_head").await, total);
     // The uncommitted records were not skipped: they get the next indexes once committed.
     assert_eq!(app.count("select count(*) from evidence e where not exists (select 1 from log_entry l where l.evidence_id = e.evidence_id)").await, 0, "not visible yet");
+    // The head remembers the transaction still running, and only it, below the floor.
+    let remembered: bool =
+        sqlx::query_scalar("select $1::xid8 = any(xid_pending) and $1::xid8 < xid_floor from evidence_log_head")
+            .bind(&slow_xid)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(remembered, "the running writer {slow_xid} is not in the head's pending list");
     slow.commit().await.unwrap();
     assert_eq!(dalil::log::sequence(&app.pool, true).await.unwrap(), 2);
-    // With nothing left running, the floor has risen past the writers: a pass looks at what is
-    // new, not at the whole log.
-    let behind = app.count("select count(*) from evidence where xid >= (select xid_floor from evidence_log_head)");
+    // A pass looks at what is new, not at the whole log: the writers are behind the floor now.
+    let behind = app.count(
+        "select count(*) from evidence, evidence_log_head h where xid >= h.xid_floor or xid = any(h.xid_pending)",
+    );
     assert!(behind.await < total, "the sequencer's floor did not rise");
     let rows: Vec<(i64, i64, Value)> = sqlx::query_as(
         "select l.log_index, e.seq, convert_from(e.canonical, 'UTF8')::jsonb
