@@ -19,7 +19,10 @@
 
 -- Sequence what is pending, as the sequencer did until now, under the log's advisory lock
 -- (LOG_LOCK in src/log.rs), so every existing record has its index before the column goes.
+-- Writers of an older version may still be running: the table lock waits for their open
+-- transactions and holds new ones back, so none commits a record this statement cannot see.
 select pg_advisory_xact_lock(7233181676573032449);
+lock table evidence in exclusive mode;
 with head as (select size from evidence_log_head),
      pending as (select evidence_id, row_number() over (order by seq) - 1 as rn
                  from evidence where log_index is null),
