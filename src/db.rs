@@ -5,9 +5,12 @@ use std::time::Duration;
 use anyhow::Context;
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 
 use crate::config::Settings;
+
+/// How long a pooled connection may sit idle before it is checked with a ping when taken.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -17,6 +20,19 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .acquire_timeout(Duration::from_millis(settings.database.acquire_timeout_ms))
+        // sqlx pings every connection it hands out: a round trip before every statement or
+        // transaction, several per item. A connection used within the last second is alive;
+        // one idle for longer is still pinged, so a restarted server or a dropped link is found
+        // (and the connection replaced) before a statement fails on it.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(options.application_name("dalil"))
         .await
         .with_context(|| format!("connecting to PostgreSQL at {}", settings.database_url_redacted()))

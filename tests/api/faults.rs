@@ -189,3 +189,21 @@ async fn the_evidence_table_refuses_update_delete_and_truncate() {
     assert_eq!(app.count("select count(*) from evidence").await, 2);
     assert_eq!(app.count("select count(*) from log_entry").await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_server_dropped_is_replaced_before_it_is_used() {
+    let app = TestApp::spawn().await;
+    let mut settings = app.settings.clone();
+    settings.database.max_connections = 1;
+    let pool = dalil::db::connect(&settings).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(&pool).await.unwrap();
+    // The server ends the pool's only connection (a restart, a dropped link, an idle timeout).
+    let ended: bool =
+        sqlx::query_scalar("select pg_terminate_backend($1)").bind(pid).fetch_one(&app.pool).await.unwrap();
+    assert!(ended);
+    // Idle for longer than a connection goes unchecked: the pool pings it, finds it gone and
+    // opens another, so the statement does not fail.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let again: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(&pool).await.unwrap();
+    assert_ne!(again, pid);
+}
