@@ -98,6 +98,10 @@ pub fn backlog(pairs: &[(DateTime<Utc>, DateTime<Utc>)]) -> (usize, f64) {
     (peak, if sxx > 0.0 { sxy / sxx } else { 0.0 })
 }
 
+/// The records a benchmark item leaves: SubmissionAcceptance, ContentConsignment,
+/// ConsignmentNotification and NotificationDelivered.
+const EVIDENCE_PER_ITEM: usize = 4;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// Items sent (with --seconds, as many as the clients managed).
@@ -114,6 +118,10 @@ pub struct Report {
     pub accept_latency: Latency,
     pub consigned: usize,
     pub sms_sent: usize,
+    /// Evidence records written, and how many of them the log holds (all of them: the run
+    /// waits for the sequencer and fails if it does not catch up).
+    pub evidence_records: usize,
+    pub evidence_in_log: usize,
     pub end_to_end_per_second: f64,
     pub consign_latency: Latency,
     pub sms_latency: Latency,
@@ -359,6 +367,27 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         eprintln!();
     }
     let (rss_kib, cpu) = fleet.pids().into_iter().map(usage).fold((0, 0.0), |(r, c), (r2, c2)| (r + r2, c + c2));
+    // Every item's four records (acceptance, consignment, notification, the gateway's delivery
+    // report) written, and every record in the log: the scheduler's sequencer gives them their
+    // indexes a moment after they commit. A run whose evidence falls short is a failure, not
+    // a figure.
+    let expected = EVIDENCE_PER_ITEM * accepted;
+    let (records, in_log) = loop {
+        fleet.alive()?;
+        let records: i64 = sqlx::query_scalar("select count(*) from evidence").fetch_one(&pool).await?;
+        let (unsequenced, _) = crate::log::sequencing_lag(&pool).await?;
+        let in_log: i64 = sqlx::query_scalar("select count(*) from log_entry").fetch_one(&pool).await?;
+        if records as usize >= expected && unsequenced == 0 {
+            break (records as usize, in_log as usize);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "after the wait, {records} of {expected} evidence records were written and {unsequenced} of them \
+                 were still not in the log (is the scheduler's sequencer failing? see the log above)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     fleet.stop().await;
 
     // End-to-end figures from the database (server clock) and the simulator.
@@ -411,6 +440,8 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         accept_latency: latency(accept_ms),
         consigned: consign.len(),
         sms_sent: messages.len(),
+        evidence_records: records,
+        evidence_in_log: in_log,
         end_to_end_per_second,
         consign_latency: latency(consign_ms),
         sms_latency: latency(sms_ms),
@@ -742,6 +773,12 @@ pub fn table(r: &Report) -> String {
         String::new(),
     );
     row(&mut out, "in inbox / SMS at gateway", format!("{} / {}", r.consigned, r.sms_sent), String::new());
+    row(
+        &mut out,
+        "evidence records / in the log",
+        format!("{} / {}", r.evidence_records, r.evidence_in_log),
+        format!("{EVIDENCE_PER_ITEM} per item"),
+    );
     row(
         &mut out,
         "backlog peak / growth (not yet in inbox)",

@@ -29,6 +29,7 @@ async fn the_benchmark_drives_every_item_to_the_inbox_and_the_sms_gateway() {
     assert_eq!(report.refused, 0);
     assert_eq!(report.consigned, 200);
     assert_eq!(report.sms_sent, 200);
+    assert_eq!((report.evidence_records, report.evidence_in_log), (800, 800), "{report:?}");
     assert!(report.accept_latency.p99_ms > 0.0 && report.consign_latency.p99_ms > 0.0);
     assert!((1..=200).contains(&report.backlog_peak), "{report:?}");
     assert_eq!(report.worker_processes, 1);
@@ -63,6 +64,7 @@ async fn at_a_fixed_rate_the_benchmark_sends_for_the_time_given_and_every_item_a
     .expect("the benchmark runs");
     assert_eq!((report.items, report.accepted, report.refused), (100, 100, 0), "{report:?}");
     assert_eq!((report.consigned, report.sms_sent), (100, 100));
+    assert_eq!((report.evidence_records, report.evidence_in_log), (400, 400), "{report:?}");
     assert_eq!(report.offered_per_second, Some(50.0));
     // Offered at 50/s for 2 s: accepted at about that rate, not as fast as the server could.
     assert!((30.0..=55.0).contains(&report.accepted_per_second), "{report:?}");
