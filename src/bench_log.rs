@@ -127,12 +127,7 @@ async fn measure(pool: &PgPool, s: &Settings, o: &Options) -> anyhow::Result<()>
         let took = t.elapsed();
         total += took;
         worst = worst.max(took);
-        let leaf: Vec<u8> = sqlx::query_scalar(
-            "select e.leaf_hash from log_entry l join evidence e on e.evidence_id = l.evidence_id where l.log_index = $1",
-        )
-            .bind(index as i64)
-            .fetch_one(&mut *conn)
-            .await?;
+        let leaf = log::leaf_hash(&mut conn, index).await?;
         anyhow::ensure!(
             crate::merkle::verify_inclusion(index, size, &leaf.try_into().expect("32"), &proof, &root),
             "proof for {index} did not verify"

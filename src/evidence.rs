@@ -367,14 +367,19 @@ pub async fn append_for_recipient(
 
 /// A recipient's own records (settings changes), oldest first.
 pub async fn for_recipient(conn: &mut PgConnection, recipient_id: Uuid) -> sqlx::Result<Vec<StoredEvidence>> {
-    let rows: Vec<EvidenceRow> = sqlx::query_as(
+    stored_where(conn, "e.recipient_id = $1", recipient_id).await
+}
+
+/// The records that `condition` (on `e`, with the one parameter `$1`) picks, oldest first, each
+/// with its log index once the sequencer has given it one (looked up record by record, through
+/// the unique index of `log_entry`).
+async fn stored_where(conn: &mut PgConnection, condition: &str, value: Uuid) -> sqlx::Result<Vec<StoredEvidence>> {
+    let sql = format!(
         "select e.evidence_id, (select l.log_index from log_entry l where l.evidence_id = e.evidence_id) as log_index,
                 e.event, e.at, e.channel, e.canonical, e.sha256
-         from evidence e where e.recipient_id = $1 order by e.seq",
-    )
-    .bind(recipient_id)
-    .fetch_all(conn)
-    .await?;
+         from evidence e where {condition} order by e.seq"
+    );
+    let rows: Vec<EvidenceRow> = sqlx::query_as(&sql).bind(value).fetch_all(conn).await?;
     Ok(rows.into_iter().map(stored).collect())
 }
 
@@ -419,15 +424,7 @@ struct EvidenceRow {
 }
 
 pub async fn for_item(conn: &mut PgConnection, item_id: Uuid) -> sqlx::Result<Vec<StoredEvidence>> {
-    let rows: Vec<EvidenceRow> = sqlx::query_as(
-        "select e.evidence_id, (select l.log_index from log_entry l where l.evidence_id = e.evidence_id) as log_index,
-                e.event, e.at, e.channel, e.canonical, e.sha256
-         from evidence e where e.item_id = $1 order by e.seq",
-    )
-    .bind(item_id)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows.into_iter().map(stored).collect())
+    stored_where(conn, "e.item_id = $1", item_id).await
 }
 
 #[cfg(test)]

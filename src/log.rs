@@ -122,6 +122,16 @@ pub async fn sequencing_lag(pool: &PgPool) -> anyhow::Result<(i64, f64)> {
     Ok(sqlx::query_as(&sql).fetch_one(&mut *tx).await?)
 }
 
+/// The leaf hash of the record at `index` of the log.
+pub async fn leaf_hash(conn: &mut PgConnection, index: u64) -> anyhow::Result<Vec<u8>> {
+    Ok(sqlx::query_scalar(
+        "select e.leaf_hash from log_entry l join evidence e on e.evidence_id = l.evidence_id where l.log_index = $1",
+    )
+    .bind(index as i64)
+    .fetch_one(conn)
+    .await?)
+}
+
 fn to_hash(bytes: &[u8]) -> anyhow::Result<Hash> {
     bytes.try_into().context("a stored hash is not 32 bytes")
 }

@@ -87,12 +87,7 @@ pub async fn inclusion(
     check_size(&state, "size", size).await?;
     let mut conn = state.pool.acquire().await?;
     let proof = log::inclusion_proof(&mut conn, index, size).await?;
-    let leaf: Vec<u8> = sqlx::query_scalar(
-        "select e.leaf_hash from log_entry l join evidence e on e.evidence_id = l.evidence_id where l.log_index = $1",
-    )
-    .bind(index as i64)
-    .fetch_one(&mut *conn)
-    .await?;
+    let leaf = log::leaf_hash(&mut conn, index).await?;
     Ok(Json(InclusionProof {
         index,
         size,
