@@ -100,6 +100,7 @@ impl App {
             pages: Arc::new(crate::web::Pages::load(&settings.templates_dir.join("web"))?),
             intake: crate::api::intake::Intake::start(pool.clone(), group),
             reports: crate::api::providers::Reports::start(pool.clone(), group),
+            lookups: crate::api::lookup::Lookups::start(pool.clone(), group),
         };
         Ok(App { settings, pool, topology, listener, state })
     }

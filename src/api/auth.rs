@@ -53,16 +53,12 @@ impl FromRequestParts<AppState> for Agency {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let (id, code, name) = key_owner(
-            parts,
-            state,
-            KEY_PREFIX,
-            "select a.id, a.code, a.name, k.key_hash from api_key k join agency a on a.id = k.agency_id
-             where k.key_hash = $1 and k.revoked_at is null",
-            "API key",
-        )
-        .await?;
-        Ok(Agency { id, code, name })
+        // Read with the keys of requests made alongside (`super::lookup`).
+        let (hash, denied) = presented(parts, KEY_PREFIX, "API key")?;
+        match state.lookups.agency(hash.clone()).await? {
+            Some(o) if bool::from(o.key_hash.ct_eq(&hash)) => Ok(Agency { id: o.id, code: o.code, name: o.name }),
+            _ => Err(denied()),
+        }
     }
 }
 
@@ -75,18 +71,28 @@ async fn key_owner(
     sql: &str,
     what: &str,
 ) -> Result<(Uuid, String, String), ApiError> {
-    let key = bearer(parts)?;
-    let denied = || ApiError::Unauthorized(format!("the {what} is unknown or revoked"));
-    if !key.starts_with(prefix) || key.len() > 200 {
-        return Err(denied());
-    }
-    let hash = Sha256::digest(key.as_bytes()).to_vec();
+    let (hash, denied) = presented(parts, prefix, what)?;
     let row: Option<(Uuid, String, String, Vec<u8>)> =
         sqlx::query_as(sql).bind(&hash).fetch_optional(&state.pool).await?;
     match row {
         Some((id, code, name, stored)) if bool::from(stored.ct_eq(&hash)) => Ok((id, code, name)),
         _ => Err(denied()),
     }
+}
+
+/// The SHA-256 of the presented key, if it has the expected prefix, and the 401 to answer
+/// when no unrevoked key has that hash.
+fn presented<'a>(
+    parts: &Parts,
+    prefix: &str,
+    what: &'a str,
+) -> Result<(Vec<u8>, impl Fn() -> ApiError + 'a), ApiError> {
+    let key = bearer(parts)?;
+    let denied = move || ApiError::Unauthorized(format!("the {what} is unknown or revoked"));
+    if !key.starts_with(prefix) || key.len() > 200 {
+        return Err(denied());
+    }
+    Ok((Sha256::digest(key.as_bytes()).to_vec(), denied))
 }
 
 /// A citizen signed in through the identity provider.

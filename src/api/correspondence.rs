@@ -20,6 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::auth::Agency;
+use super::lookup::Recipient;
 use super::{intake, ApiError, ApiResult, AppState, JsonBody};
 use crate::domain::{Kind, Language, RecipientId};
 use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence, StoredEvidence};
@@ -250,14 +251,9 @@ async fn accept(
     body: SubmitRequest,
 ) -> ApiResult<Option<Response>> {
     let p = prepare(body)?;
-    let recipient: Option<RecipientRow> = sqlx::query_as(&format!(
-        "select id, name, phone, email, digital_consent from recipient where {} = $1",
-        p.recipient.scheme()
-    ))
-    .bind(p.recipient.value())
-    .fetch_optional(&state.pool)
-    .await?;
-    let Some(RecipientRow { id: recipient_id, name: recipient_name, phone, email, digital_consent }) = recipient else {
+    // Read with the recipients of submissions made alongside (`super::lookup`).
+    let recipient = state.lookups.recipient(p.recipient.clone()).await?;
+    let Some(Recipient { id: recipient_id, name: recipient_name, phone, email, digital_consent }) = recipient else {
         return Err(ApiError::invalid(
             format!("recipient.{}", p.recipient.scheme()),
             "no recipient is registered with this identifier",
@@ -901,15 +897,6 @@ pub async fn list(
     security(("agency_key" = [])))]
 pub async fn templates(State(state): State<AppState>, _agency: Agency) -> Json<BTreeMap<String, templates::Manifest>> {
     Json(state.templates.manifests().clone())
-}
-
-#[derive(sqlx::FromRow)]
-struct RecipientRow {
-    id: Uuid,
-    name: String,
-    phone: Option<String>,
-    email: Option<String>,
-    digital_consent: bool,
 }
 
 /// A notice fixed at submission: its channel, and what workers will send.

@@ -9,6 +9,7 @@ pub mod health;
 pub mod inbox;
 pub mod intake;
 pub mod log;
+pub mod lookup;
 pub mod openapi;
 pub mod postal;
 pub mod providers;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub intake: intake::Intake,
     /// Where SMS delivery reports are written, likewise.
     pub reports: providers::Reports,
+    /// Where agencies (by key) and recipients are read, together with reads made alongside.
+    pub lookups: lookup::Lookups,
 }
 
 pub fn router(state: AppState) -> Router {

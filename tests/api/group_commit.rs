@@ -218,3 +218,100 @@ async fn reports_that_arrive_together_settle_each_message_once() {
         items
     );
 }
+
+/// Backends of this database waiting for a lock on `table`.
+async fn waiting_on(conn: &mut sqlx::PgConnection, table: &str) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_locks l join pg_class c on c.oid = l.relation
+         where not l.granted and c.relname = $1
+           and l.database = (select oid from pg_database where datname = current_database())",
+    )
+    .bind(table)
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_made_together_share_a_statement_and_each_gets_its_own_answer() {
+    // The API alone: nothing else reads the tables the test locks.
+    let app = TestApp::spawn_with(Options {
+        roles: dalil::app::Roles { serve: true, ..dalil::app::Roles::NONE },
+        ..one_at_a_time()
+    })
+    .await;
+    let agencies = ["court-la", "court-lb"];
+    let keys = [app.agency(agencies[0]).await, app.agency(agencies[1]).await];
+    let mut pinfls = Vec::new();
+    for i in 0..3 {
+        pinfls.push(app.citizen(&format!("312058801006{i}")).await.0.to_string());
+    }
+    // Valid, but registered to nobody.
+    let unknown = dalil::domain::Pinfl::with_check_digit("3120588010069").to_string();
+    let n = 24;
+    // Out of the pool, which requests that wait one by one would fill.
+    let mut watch = app.pool.acquire().await.unwrap().detach();
+    for table in ["api_key", "recipient"] {
+        // A first submission takes the one slot of the reads of `table` and waits for the
+        // lock; the others queue behind it meanwhile.
+        let mut lock = app.pool.begin().await.unwrap();
+        sqlx::query(&format!("lock table {table} in access exclusive mode")).execute(&mut *lock).await.unwrap();
+        let (first_key, first_body) = (format!("{table}-first"), summons(&pinfls[0]));
+        let blocked = app.submit(&keys[0], &first_key, &first_body);
+        let app = &app;
+        let watch = &mut watch;
+        let rest = async {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while waiting_on(watch, table).await == 0 {
+                assert!(tokio::time::Instant::now() < deadline, "the first submission never waited for {table}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            // Every fourth for a recipient nobody registered; every sixth with a key nobody holds.
+            let sends = (0..n).map(|i| {
+                let key = if i % 6 == 5 { "dalil_0000000000000000".to_string() } else { keys[i % 2].clone() };
+                let mut body = summons(if i % 4 == 3 { &unknown } else { &pinfls[i % 3] });
+                body["reference"] = format!("{table}-{i}").into();
+                async move { (i, app.submit(&key, &format!("{table}-{i}"), &body).await) }
+            });
+            let answers = futures_util::future::join_all(sends);
+            let release = async move {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                let waiting = waiting_on(watch, table).await;
+                lock.rollback().await.unwrap();
+                waiting
+            };
+            tokio::join!(answers, release)
+        };
+        let (first, (answers, waiting)) = tokio::join!(blocked, rest);
+        // One statement read for all that waited: alone, each would have waited on its own.
+        assert_eq!(waiting, 1, "{waiting} reads of {table} waited for the lock at once");
+        assert_eq!(first.status(), 202);
+        for (i, a) in answers {
+            if i % 6 == 5 {
+                assert_eq!(a.status(), 401, "{table} {i}");
+                continue;
+            }
+            if i % 4 == 3 {
+                assert_eq!(a.status(), 422, "{table} {i}");
+                let v: Value = a.json().await.unwrap();
+                assert_eq!(v["field"], "recipient.pinfl");
+                continue;
+            }
+            assert_eq!(a.status(), 202, "{table} {i}");
+            let v: Value = a.json().await.unwrap();
+            // Each item is its own agency's and its own recipient's.
+            let (agency, pinfl): (String, String) = sqlx::query_as(
+                "select a.code, r.pinfl from item i join agency a on a.id = i.agency_id
+                 join recipient r on r.id = i.recipient_id where i.id = $1::uuid",
+            )
+            .bind(v["id"].as_str().unwrap())
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+            assert_eq!((agency.as_str(), pinfl.as_str()), (agencies[i % 2], pinfls[i % 3].as_str()), "{table} {i}");
+        }
+    }
+    // Per table: the first, and the 24 less the 4 with a bad key (5, 11, 17, 23) and the 4 others
+    // for nobody (3, 7, 15, 19).
+    assert_eq!(app.count("select count(*) from item").await, 2 * (1 + 24 - 4 - 4));
+}

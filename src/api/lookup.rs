@@ -1,0 +1,158 @@
+//! Reads that concurrent requests make, made together.
+//!
+//! Every submission reads its agency (by the API key's hash) and its recipient (by PINFL or
+//! TIN) before it can render anything. Each read is a one-row index probe, but made alone it
+//! costs a round trip, a statement's start-up in PostgreSQL and a wake-up on both sides: two
+//! such reads per item were four fifths of all the statements a submission's life runs, and
+//! answering one from memory instead lowered the whole machine's CPU per item by about a
+//! twentieth (docs/performance.md). So, as with writes ([`super::intake`]), reads that queue
+//! while earlier ones are in flight are made in one statement ([`crate::group`]).
+//!
+//! Nothing is cached: each read sees what is committed when its statement runs, so a revoked
+//! key is refused and a withdrawn consent counts from the next request on, as before.
+
+use futures_util::future::BoxFuture;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::domain::RecipientId;
+use crate::group::{self, Group, Job, Limits, Pending};
+
+/// The owner of an API key, as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyOwner {
+    pub id: Uuid,
+    pub code: String,
+    pub name: String,
+    pub key_hash: Vec<u8>,
+}
+
+/// A recipient as a submission needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Recipient {
+    pub id: Uuid,
+    pub name: String,
+    pub phone: Option<String>,
+    pub email: Option<String>,
+    pub digital_consent: bool,
+}
+
+/// The SHA-256 of a presented agency key.
+pub struct KeyHash(pub Vec<u8>);
+
+impl Job for KeyHash {}
+impl Job for RecipientId {}
+
+type Found<T> = sqlx::Result<Option<T>>;
+
+/// A statement that reads a batch's keys: what it found for each, in the keys' order.
+type Read<J, T> = for<'a> fn(&'a PgPool, &'a [&'a J]) -> BoxFuture<'a, sqlx::Result<Vec<Option<T>>>>;
+
+/// The handle requests read through; cheap to clone.
+#[derive(Clone)]
+pub struct Lookups {
+    agencies: Group<KeyHash, Found<KeyOwner>>,
+    recipients: Group<RecipientId, Found<Recipient>>,
+}
+
+impl Lookups {
+    /// Starts the lookups' tasks on the current runtime; they end when the last handle is dropped.
+    pub fn start(pool: PgPool, limits: Limits) -> Lookups {
+        let p = pool.clone();
+        Lookups {
+            agencies: Group::start(limits, move |batch| read_batch(p.clone(), batch, "API keys", agencies)),
+            recipients: Group::start(limits, move |batch| read_batch(pool.clone(), batch, "recipients", recipients)),
+        }
+    }
+
+    /// The agency that holds this unrevoked key, by the key's hash.
+    pub async fn agency(&self, key_hash: Vec<u8>) -> Found<KeyOwner> {
+        self.agencies.run(KeyHash(key_hash)).await.unwrap_or(Err(sqlx::Error::PoolClosed))
+    }
+
+    /// The recipient registered with this identifier.
+    pub async fn recipient(&self, id: RecipientId) -> Found<Recipient> {
+        self.recipients.run(id).await.unwrap_or(Err(sqlx::Error::PoolClosed))
+    }
+}
+
+async fn read_batch<J: Job, T: Send + 'static>(
+    pool: PgPool,
+    batch: Vec<Pending<J, Found<T>>>,
+    what: &str,
+    read: Read<J, T>,
+) {
+    group::together_or_alone(&pool, batch, what, read).await
+}
+
+/// Rows found for the `n`th (from 1) of `len` keys, in the keys' order.
+fn in_order<T>(len: usize, found: Vec<(i64, T)>) -> Vec<Option<T>> {
+    let mut out: Vec<Option<T>> = (0..len).map(|_| None).collect();
+    for (n, row) in found {
+        if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| out.get_mut(i)) {
+            *slot = Some(row);
+        }
+    }
+    out
+}
+
+#[derive(sqlx::FromRow)]
+struct Numbered<T> {
+    n: i64,
+    #[sqlx(flatten)]
+    row: T,
+}
+
+// Each key is a probe of a unique index (a lateral subquery per key), so the plan is the same
+// whatever the tables' sizes and statistics: a prepared plan made on an empty database never
+// turns into a scan of millions of recipients.
+
+fn agencies<'a>(pool: &'a PgPool, keys: &'a [&'a KeyHash]) -> BoxFuture<'a, sqlx::Result<Vec<Option<KeyOwner>>>> {
+    Box::pin(async move {
+        let hashes: Vec<&[u8]> = keys.iter().map(|k| k.0.as_slice()).collect();
+        let found: Vec<Numbered<KeyOwner>> = sqlx::query_as(
+            "select x.n, a.id, a.code, a.name, k.key_hash
+             from unnest($1::bytea[]) with ordinality as x(h, n)
+             cross join lateral (select k.agency_id, k.key_hash from api_key k
+                                 where k.key_hash = x.h and k.revoked_at is null) k
+             join agency a on a.id = k.agency_id",
+        )
+        .bind(&hashes)
+        .fetch_all(pool)
+        .await?;
+        Ok(in_order(keys.len(), found.into_iter().map(|f| (f.n, f.row)).collect()))
+    })
+}
+
+fn recipients<'a>(pool: &'a PgPool, ids: &'a [&'a RecipientId]) -> BoxFuture<'a, sqlx::Result<Vec<Option<Recipient>>>> {
+    Box::pin(async move {
+        let pinfls: Vec<Option<&str>> =
+            ids.iter().map(|id| matches!(id, RecipientId::Pinfl(_)).then(|| id.value())).collect();
+        let tins: Vec<Option<&str>> =
+            ids.iter().map(|id| matches!(id, RecipientId::Tin(_)).then(|| id.value())).collect();
+        let found: Vec<Numbered<Recipient>> = sqlx::query_as(
+            "select x.n, r.id, r.name, r.phone, r.email, r.digital_consent
+             from unnest($1::text[], $2::text[]) with ordinality as x(pinfl, tin, n)
+             cross join lateral (select id, name, phone, email, digital_consent from recipient where pinfl = x.pinfl
+                                 union all
+                                 select id, name, phone, email, digital_consent from recipient where tin = x.tin) r",
+        )
+        .bind(&pinfls)
+        .bind(&tins)
+        .fetch_all(pool)
+        .await?;
+        Ok(in_order(ids.len(), found.into_iter().map(|f| (f.n, f.row)).collect()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_order;
+
+    #[test]
+    fn rows_land_in_their_keys_places_and_keys_without_one_get_none() {
+        assert_eq!(in_order(4, vec![(3, "c"), (1, "a")]), vec![Some("a"), None, Some("c"), None]);
+        // A number out of range (never sent by the statements) is dropped, not a panic.
+        assert_eq!(in_order(1, vec![(0, "x"), (2, "y")]), vec![None]);
+    }
+}
