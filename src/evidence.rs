@@ -165,7 +165,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The canonical bytes of a JSON value (RFC 8785).
 pub fn canonical(value: &impl Serialize) -> Vec<u8> {
-    serde_json_canonicalizer::to_vec(value).expect("evidence records are plain JSON")
+    crate::jcs::to_vec(&serde_json::to_value(value).expect("evidence records are plain JSON"))
 }
 
 /// Appends records of one item; the caller owns the transaction.

@@ -30,6 +30,7 @@ pub mod domain;
 pub mod evidence;
 pub mod group;
 pub mod identity;
+pub mod jcs;
 pub mod letter;
 pub mod log;
 pub mod merkle;

@@ -215,7 +215,7 @@ pub async fn submit(
     IdempotencyKey(key): IdempotencyKey,
     body: JsonBody<SubmitRequest>,
 ) -> ApiResult<Response> {
-    let request_sha256 = evidence::sha256_hex(&evidence::canonical(&body.raw));
+    let request_sha256 = evidence::sha256_hex(&crate::jcs::to_vec(&body.raw));
     match accept(&state, &agency, &key, &request_sha256, body.value).await {
         Ok(Some(response)) => Ok(response),
         // Another request holds the key: answer as it did, once it has.
