@@ -100,7 +100,7 @@ mod tests {
             json!([]),
             json!({ "b": 1, "a": [true, null, "oʻ"], "c": { "z": 1.5e3, "y": "x" } }),
             json!({ "q": "\"\\/\u{7f}\u{2028}\u{0}\u{1f}\u{8}\u{c}\n\r\t", "e": "é😀𝄞\u{e000}\u{ffff}" }),
-            // U+E000 sorts after U+1F600 by code point, before it by UTF-16 code unit.
+            // U+E000 sorts before U+1F600 by code point, after it by UTF-16 code unit.
             json!({ "\u{e000}": 1, "😀": 2, "a": 3, "A": 4, "": 5, "é": 6 }),
             json!([0, -0.0, -1, 9007199254740992_u64, -9007199254740992_i64, 1e15, -2.0]),
             json!({ "deep": [[[{ "x": [{}] }]]] }),

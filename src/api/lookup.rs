@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::domain::RecipientId;
-use crate::group::{self, Group, Job, Limits, Pending};
+use crate::group::{Group, Job, Limits, Pending};
 
 /// The owner of an API key, as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -76,13 +76,48 @@ impl Lookups {
     }
 }
 
+/// Reads a batch's keys in one statement and answers each request. A read fails for the whole
+/// system (the pool exhausted, the database gone), never for one key, so when it fails every
+/// request gets the error at once: retried one by one, as a failed write batch is, the last
+/// of 64 would wait 64 pool timeouts for the same answer.
 async fn read_batch<J: Job, T: Send + 'static>(
     pool: PgPool,
     batch: Vec<Pending<J, Found<T>>>,
     what: &str,
     read: Read<J, T>,
 ) {
-    group::together_or_alone(&pool, batch, what, read).await
+    let keys: Vec<&J> = batch.iter().map(|p| &p.job).collect();
+    let result = read(&pool, &keys).await;
+    drop(keys);
+    match result {
+        Ok(found) if found.len() == batch.len() => {
+            for (p, f) in batch.into_iter().zip(found) {
+                p.answer(Ok(f));
+            }
+        }
+        Ok(found) => {
+            tracing::error!(keys = batch.len(), rows = found.len(), "a read of {what} answered the wrong number");
+            for p in batch {
+                p.answer(Err(sqlx::Error::Protocol(format!("a read of {what} lost its answers"))));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(keys = batch.len(), error = %e, "a read of {what} failed");
+            for p in batch {
+                p.answer(Err(same_kind(&e, what)));
+            }
+        }
+    }
+}
+
+/// An error like `e` for each request of a failed batch (sqlx's errors are not `Clone`): the
+/// pool's own errors as they are (they answer 503), any other with its text.
+fn same_kind(e: &sqlx::Error, what: &str) -> sqlx::Error {
+    match e {
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+        e => sqlx::Error::Protocol(format!("reading {what}: {e}")),
+    }
 }
 
 /// Rows found for the `n`th (from 1) of `len` keys, in the keys' order.
@@ -103,9 +138,10 @@ struct Numbered<T> {
     row: T,
 }
 
-// Each key is a probe of a unique index (a lateral subquery per key), so the plan is the same
-// whatever the tables' sizes and statistics: a prepared plan made on an empty database never
-// turns into a scan of millions of recipients.
+// Each key is a probe of a unique index (a lateral subquery per key, kept apart from the outer
+// query by `offset 0` or `union all`), so the plan is the same whatever the tables' sizes and
+// statistics: a prepared plan made on an empty database never turns into a scan of millions
+// of recipients.
 
 fn agencies<'a>(pool: &'a PgPool, keys: &'a [&'a KeyHash]) -> BoxFuture<'a, sqlx::Result<Vec<Option<KeyOwner>>>> {
     Box::pin(async move {
@@ -114,7 +150,7 @@ fn agencies<'a>(pool: &'a PgPool, keys: &'a [&'a KeyHash]) -> BoxFuture<'a, sqlx
             "select x.n, a.id, a.code, a.name, k.key_hash
              from unnest($1::bytea[]) with ordinality as x(h, n)
              cross join lateral (select k.agency_id, k.key_hash from api_key k
-                                 where k.key_hash = x.h and k.revoked_at is null) k
+                                 where k.key_hash = x.h and k.revoked_at is null offset 0) k
              join agency a on a.id = k.agency_id",
         )
         .bind(&hashes)

@@ -315,3 +315,34 @@ async fn reads_made_together_share_a_statement_and_each_gets_its_own_answer() {
     // for nobody (3, 7, 15, 19).
     assert_eq!(app.count("select count(*) from item").await, 2 * (1 + 24 - 4 - 4));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_fails_answers_every_request_that_shared_it_at_once() {
+    // The API alone, with two connections that give up waiting for a free one after 300 ms.
+    let app = TestApp::spawn_with(Options {
+        roles: dalil::app::Roles { serve: true, ..dalil::app::Roles::NONE },
+        tweak: |s| {
+            s.api.group_concurrency = 1;
+            s.database.max_connections = 2;
+            s.database.acquire_timeout_ms = 300;
+        },
+        ..Default::default()
+    })
+    .await;
+    let key = app.agency("court-lf").await;
+    let (pinfl, _) = app.citizen("3120588010070").await;
+    let body = summons(pinfl.as_str());
+    // Both connections held: every read fails for want of one, a fault of the whole database
+    // and not of any key.
+    let held = (app.pool.acquire().await.unwrap(), app.pool.acquire().await.unwrap());
+    let idem: Vec<String> = (0..25).map(|i| format!("lf-{i}")).collect();
+    let started = std::time::Instant::now();
+    let answers = futures_util::future::join_all(idem.iter().map(|k| app.submit(&key, k, &body))).await;
+    let took = started.elapsed();
+    drop(held);
+    assert!(answers.iter().all(|a| a.status() == 503), "{:?}", answers.iter().map(|a| a.status()).collect::<Vec<_>>());
+    // A few batches of one pool timeout each. Retried one by one, as a failed write batch is,
+    // the last request would have waited 25 timeouts (7.5 s).
+    assert!(took < std::time::Duration::from_secs(4), "25 failed reads took {took:?}");
+    assert_eq!(app.count("select count(*) from item").await, 0);
+}
