@@ -65,7 +65,12 @@ pub struct Binding {
 
 pub const DELIVERY_EXCHANGE: &str = "dalil.delivery";
 pub const RETRY_EXCHANGE: &str = "dalil.retry";
-pub const RETRY_HEADER: &str = "x-retry-queue";
+/// The header that routes a retry to its delay queue. Not `x-`: RabbitMQ's headers exchange
+/// ignores `x-` keys when it matches (`x-match = all`), so a binding on `x-retry-queue`, as
+/// before, matched every message, and each retry went to all four delay queues at once.
+pub const RETRY_HEADER: &str = "dalil-retry-queue";
+/// The header of those earlier bindings, which `declare` removes.
+const LEGACY_RETRY_HEADER: &str = "x-retry-queue";
 
 impl Topology {
     pub fn load(path: &Path, prefix: &str, expires_ms: Option<u32>) -> anyhow::Result<Topology> {
@@ -73,6 +78,16 @@ impl Topology {
         let mut t: Topology = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         t.prefix = prefix.to_string();
         t.expires_ms = expires_ms;
+        for q in &t.queues {
+            if let Some(k) = q.bindings.iter().flat_map(|b| b.headers.keys()).find(|k| k.starts_with("x-")) {
+                anyhow::bail!(
+                    "{}: queue {}: binding header {k}: RabbitMQ ignores x- keys when it matches headers, so the \
+                     binding would match every message; name it without x-",
+                    path.display(),
+                    q.name
+                );
+            }
+        }
         for q in &t.queues {
             for b in &q.bindings {
                 anyhow::ensure!(
@@ -154,6 +169,25 @@ impl Topology {
                     for (k, v) in &b.headers {
                         args.insert(ShortString::from(k.as_str()), AMQPValue::LongString(LongString::from(v.as_str())));
                     }
+                }
+                if let Some(v) = b.headers.get(RETRY_HEADER) {
+                    // A deployment declared before the header was renamed has a binding that
+                    // matches everything: without removing it, every retry is still copied to
+                    // this queue. Removing a binding that does not exist changes nothing.
+                    let mut legacy = FieldTable::default();
+                    legacy.insert(ShortString::from("x-match"), AMQPValue::LongString(LongString::from("all")));
+                    legacy.insert(
+                        ShortString::from(LEGACY_RETRY_HEADER),
+                        AMQPValue::LongString(LongString::from(v.as_str())),
+                    );
+                    ch.queue_unbind(
+                        ShortString::from(name.clone()),
+                        ShortString::from(self.name(&b.exchange)),
+                        ShortString::from(b.key.as_str()),
+                        legacy,
+                    )
+                    .await
+                    .with_context(|| format!("removing the old retry binding of {name}"))?;
                 }
                 ch.queue_bind(
                     ShortString::from(name.clone()),

@@ -110,6 +110,11 @@ impl Simulator {
         self.inner.lock().await.messages.clone()
     }
 
+    /// How many sends it has refused (failed on purpose).
+    pub async fn refused(&self) -> u64 {
+        self.inner.lock().await.refused
+    }
+
     pub fn router(&self) -> Router {
         Router::new()
             .route("/api/v1/messages", post(send).get(list))

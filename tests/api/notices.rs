@@ -190,6 +190,10 @@ async fn after_the_last_retry_the_step_fails_with_evidence() {
         sqlx::query_scalar("select detail from attempt where channel = 'sms'").fetch_one(&app.pool).await.unwrap();
     assert!(detail.contains("gave up after the last retry") && detail.contains("503"), "{detail}");
     assert!(app.sms.messages().await.is_empty());
+    // One try and one per delay queue, each waited out in turn: a retry goes to one delay queue
+    // (it used to go to all four, each copy making four more).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(app.sms.refused().await, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
