@@ -90,15 +90,10 @@ async fn read_batch<J: Job, T: Send + 'static>(
     let result = read(&pool, &keys).await;
     drop(keys);
     match result {
-        Ok(found) if found.len() == batch.len() => {
+        // One answer per key, in the keys' order ([`in_order`]).
+        Ok(found) => {
             for (p, f) in batch.into_iter().zip(found) {
                 p.answer(Ok(f));
-            }
-        }
-        Ok(found) => {
-            tracing::error!(keys = batch.len(), rows = found.len(), "a read of {what} answered the wrong number");
-            for p in batch {
-                p.answer(Err(sqlx::Error::Protocol(format!("a read of {what} lost its answers"))));
             }
         }
         Err(e) => {
