@@ -3,6 +3,7 @@
 //! The defaults are compiled into the binary, so `dalil` runs from any directory; a file named
 //! by `DALIL_CONFIG` (or `config/default.toml` in the working directory) replaces them.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -44,6 +45,32 @@ pub struct Settings {
 pub struct DatabaseSettings {
     pub max_connections: u32,
     pub acquire_timeout_ms: u64,
+    /// PostgreSQL settings for Dalil's own sessions, sent as each connection opens.
+    #[serde(default)]
+    pub session: BTreeMap<String, toml::Value>,
+}
+
+impl DatabaseSettings {
+    /// `session` as PostgreSQL's startup `options`: `-c name=value` each, spaces and
+    /// backslashes in a value escaped with a backslash (as `options` requires).
+    pub fn session_options(&self) -> Vec<(String, String)> {
+        self.session
+            .iter()
+            .filter_map(|(name, value)| Some((name.clone(), scalar(value)?)))
+            .map(|(name, value)| (name, value.replace('\\', "\\\\").replace(' ', "\\ ")))
+            .collect()
+    }
+}
+
+/// A TOML string, number or boolean as PostgreSQL reads a setting's value; `None` otherwise.
+fn scalar(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(if *b { "on" } else { "off" }.into()),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +286,17 @@ impl Settings {
         if self.sms.rate_per_second == 0 || self.sms.max_segments == 0 {
             bail!("sms.rate_per_second and sms.max_segments must be at least 1");
         }
+        for (name, value) in &self.database.session {
+            let plain_name = name.starts_with(|c: char| c.is_ascii_alphabetic())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+            if !plain_name {
+                bail!("database.session: {name:?} is not a PostgreSQL setting's name");
+            }
+            match scalar(value) {
+                Some(v) if !v.chars().any(char::is_control) => {}
+                _ => bail!("database.session.{name}: expected a string, number or boolean on one line"),
+            }
+        }
         if !matches!(self.log_format.as_str(), "pretty" | "json") {
             bail!("log_format must be \"pretty\" or \"json\"");
         }
@@ -325,6 +363,7 @@ fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> anyhow::Resul
         let new = match table.get(key) {
             Some(toml::Value::Integer(_)) => toml::Value::Integer(raw.parse().context("expected a whole number")?),
             Some(toml::Value::Boolean(_)) => toml::Value::Boolean(raw.parse().context("expected true or false")?),
+            Some(toml::Value::Float(_)) => toml::Value::Float(raw.parse().context("expected a number")?),
             Some(toml::Value::Array(_)) => toml::Value::Array(
                 raw.split(',')
                     .map(str::trim)
@@ -335,6 +374,8 @@ fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> anyhow::Resul
             Some(toml::Value::String(_)) => toml::Value::String(raw.into()),
             // Keys that have no default in the file but are known to the program.
             None if key == "queue_expires_ms" => toml::Value::Integer(raw.parse().context("expected a whole number")?),
+            // Any PostgreSQL setting may be added to Dalil's sessions (PostgreSQL checks the name).
+            None if path.len() == 3 && path[0] == "database" && path[1] == "session" => toml::Value::String(raw.into()),
             _ => bail!("unknown configuration key {key:?}"),
         };
         table.insert(key.clone(), new);
@@ -387,6 +428,38 @@ mod tests {
         assert!(Settings::from_sources(BUILT_IN, env(&[("DALIL_LISTN", "x")])).is_err());
         assert!(Settings::from_sources(BUILT_IN, env(&[("DALIL_WORKER__PREFETCH", "many")])).is_err());
         assert!(Settings::from_sources(BUILT_IN, env(&[("DALIL_LISTEN", "nowhere")])).is_err());
+    }
+
+    #[test]
+    fn session_settings_are_sent_escaped_and_checked() {
+        let s = Settings::from_sources(BUILT_IN, env(&[])).unwrap();
+        assert_eq!(s.database.session_options(), [("random_page_cost".to_string(), "1.1".to_string())]);
+        let s = Settings::from_sources(
+            BUILT_IN,
+            env(&[
+                ("DALIL_DATABASE__SESSION__RANDOM_PAGE_COST", "4"),
+                ("DALIL_DATABASE__SESSION__SEARCH_PATH", r"dalil a\b"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.database.session_options(),
+            [
+                ("random_page_cost".to_string(), "4".to_string()),
+                ("search_path".to_string(), r"dalil\ a\\b".to_string())
+            ]
+        );
+        let file = BUILT_IN.replace("random_page_cost = 1.1", "jit = false\nwork_mem = 4096");
+        let s = Settings::from_sources(&file, env(&[])).unwrap();
+        let sent = s.database.session_options();
+        assert_eq!(sent, [("jit".to_string(), "off".to_string()), ("work_mem".to_string(), "4096".to_string())]);
+        assert!(
+            Settings::from_sources(BUILT_IN, env(&[("DALIL_DATABASE__SESSION__RANDOM_PAGE_COST", "fast")])).is_err()
+        );
+        let bad_name = BUILT_IN.replace("random_page_cost = 1.1", "\"work mem\" = 1");
+        assert!(Settings::from_sources(&bad_name, env(&[])).is_err());
+        let not_scalar = BUILT_IN.replace("random_page_cost = 1.1", "random_page_cost = [1]");
+        assert!(Settings::from_sources(&not_scalar, env(&[])).is_err());
     }
 
     #[test]

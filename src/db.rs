@@ -33,7 +33,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
                 Ok(true)
             })
         })
-        .connect_with(options.application_name("dalil"))
+        .connect_with(options.application_name("dalil").options(settings.database.session_options()))
         .await
         .with_context(|| format!("connecting to PostgreSQL at {}", settings.database_url_redacted()))
 }

@@ -207,3 +207,20 @@ async fn a_pooled_connection_the_server_dropped_is_replaced_before_it_is_used() 
     let again: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(&pool).await.unwrap();
     assert_ne!(again, pid);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pools_sessions_carry_the_configured_postgresql_settings() {
+    let app = TestApp::spawn().await;
+    let mut settings = app.settings.clone();
+    settings.database.max_connections = 1;
+    settings.database.session.insert("statement_timeout".into(), toml::Value::String("1234 ms".into()));
+    let pool = dalil::db::connect(&settings).await.unwrap();
+    let cost: String = sqlx::query_scalar("show random_page_cost").fetch_one(&pool).await.unwrap();
+    assert_eq!(cost, "1.1", "config/default.toml's value");
+    let timeout: String = sqlx::query_scalar("show statement_timeout").fetch_one(&pool).await.unwrap();
+    assert_eq!(timeout, "1234ms", "a value with a space arrives whole");
+    // A name PostgreSQL does not know is refused when the pool opens, not ignored.
+    settings.database.session.insert("random_page_costs".into(), toml::Value::Float(1.0));
+    let err = dalil::db::connect(&settings).await.unwrap_err();
+    assert!(format!("{err:#}").contains("random_page_costs"), "{err:#}");
+}
