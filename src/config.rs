@@ -353,6 +353,21 @@ pub fn redact(url: &str) -> String {
 /// Sets `path` in the document to `raw`, typed like the default it replaces. Unknown keys are
 /// an error, so a misspelt variable does not silently do nothing.
 fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> anyhow::Result<()> {
+    // PostgreSQL's settings for Dalil's sessions: any name, the value as PostgreSQL reads it
+    // (it checks both when the pool opens), whether or not the file has the section.
+    if let [section, sub, name] = path {
+        if section == "database" && sub == "session" {
+            let database = root
+                .as_table_mut()
+                .and_then(|t| t.get_mut("database"))
+                .and_then(toml::Value::as_table_mut)
+                .context("unknown section \"database\"")?;
+            let session = database.entry("session").or_insert_with(|| toml::Value::Table(Default::default()));
+            let session = session.as_table_mut().context("database.session is not a section")?;
+            session.insert(name.clone(), toml::Value::String(raw.into()));
+            return Ok(());
+        }
+    }
     let mut node = root;
     for (i, key) in path.iter().enumerate() {
         let table = node.as_table_mut().context("not a section")?;
@@ -374,8 +389,6 @@ fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> anyhow::Resul
             Some(toml::Value::String(_)) => toml::Value::String(raw.into()),
             // Keys that have no default in the file but are known to the program.
             None if key == "queue_expires_ms" => toml::Value::Integer(raw.parse().context("expected a whole number")?),
-            // Any PostgreSQL setting may be added to Dalil's sessions (PostgreSQL checks the name).
-            None if path.len() == 3 && path[0] == "database" && path[1] == "session" => toml::Value::String(raw.into()),
             _ => bail!("unknown configuration key {key:?}"),
         };
         table.insert(key.clone(), new);
@@ -449,13 +462,22 @@ mod tests {
                 ("search_path".to_string(), r"dalil\ a\\b".to_string())
             ]
         );
+        // A file without the section (an operator's own, older one) still takes the variables,
+        // and a variable's value is PostgreSQL's to read, whatever type the file gave the key.
+        let without = BUILT_IN.replace("[database.session]", "").replace("random_page_cost = 1.1", "");
+        let s = Settings::from_sources(&without, env(&[])).unwrap();
+        assert!(s.database.session_options().is_empty());
+        let s = Settings::from_sources(&without, env(&[("DALIL_DATABASE__SESSION__WORK_MEM", "64MB")])).unwrap();
+        assert_eq!(s.database.session_options(), [("work_mem".to_string(), "64MB".to_string())]);
+        let with_number = BUILT_IN.replace("random_page_cost = 1.1", "work_mem = 4096");
+        let s = Settings::from_sources(&with_number, env(&[("DALIL_DATABASE__SESSION__WORK_MEM", "64MB")])).unwrap();
+        assert_eq!(s.database.session_options(), [("work_mem".to_string(), "64MB".to_string())]);
         let file = BUILT_IN.replace("random_page_cost = 1.1", "jit = false\nwork_mem = 4096");
         let s = Settings::from_sources(&file, env(&[])).unwrap();
         let sent = s.database.session_options();
         assert_eq!(sent, [("jit".to_string(), "off".to_string()), ("work_mem".to_string(), "4096".to_string())]);
-        assert!(
-            Settings::from_sources(BUILT_IN, env(&[("DALIL_DATABASE__SESSION__RANDOM_PAGE_COST", "fast")])).is_err()
-        );
+        let tab = env(&[("DALIL_DATABASE__SESSION__RANDOM_PAGE_COST", "1.1\t")]);
+        assert!(Settings::from_sources(BUILT_IN, tab).is_err(), "a control character");
         let bad_name = BUILT_IN.replace("random_page_cost = 1.1", "\"work mem\" = 1");
         assert!(Settings::from_sources(&bad_name, env(&[])).is_err());
         let not_scalar = BUILT_IN.replace("random_page_cost = 1.1", "random_page_cost = [1]");
