@@ -132,6 +132,12 @@ pub struct Report {
     pub backlog_growth_per_second: f64,
     pub peak_rss_mib: f64,
     pub cpu_seconds: f64,
+    /// CPU the whole machine was busy for from the first item sent until the last record was
+    /// in the log (every process: Dalil, PostgreSQL, RabbitMQ, this load generator, the SMS
+    /// simulator, anything else running), in CPU-seconds, and per accepted item in ms. What
+    /// an item costs the machine end to end; `None` where /proc/stat is not there to read.
+    pub machine_cpu_seconds: Option<f64>,
+    pub machine_cpu_ms_per_item: Option<f64>,
     pub pg_three_row_tx_per_second: f64,
     pub rabbitmq_confirmed_publishes_per_second: f64,
     pub accepted_ratio_to_pg: f64,
@@ -177,6 +183,25 @@ impl Drop for Fleet {
             let _ = c.wait();
         }
     }
+}
+
+/// CPU-seconds the machine has been busy since boot (all CPUs: user, nice, system, irq and
+/// softirq time from /proc/stat; idle, I/O wait and time stolen by a hypervisor are not).
+fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    busy_seconds(stat.lines().next()?)
+}
+
+/// The busy CPU-seconds of /proc/stat's first line (`cpu  user nice system idle iowait irq
+/// softirq steal …`, in clock ticks of 1/100 s).
+fn busy_seconds(cpu_line: &str) -> Option<f64> {
+    let mut fields = cpu_line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let ticks: Vec<u64> = fields.take(7).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let [user, nice, system, _idle, _iowait, irq, softirq] = ticks[..] else { return None };
+    Some((user + nice + system + irq + softirq) as f64 / 100.0)
 }
 
 /// Peak resident set (VmHWM, KiB) and CPU seconds (utime + stime) of a process, from /proc.
@@ -325,6 +350,7 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
 
     // Drive.
     let done = Arc::new(AtomicUsize::new(0));
+    let busy_before = machine_busy_seconds();
     let started = Instant::now();
     use std::io::IsTerminal;
     // A progress bar on a terminal; in a log file it would be noise.
@@ -388,6 +414,7 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let machine_cpu_seconds = busy_before.zip(machine_busy_seconds()).map(|(before, after)| after - before);
     fleet.stop().await;
 
     // End-to-end figures from the database (server clock) and the simulator.
@@ -449,6 +476,8 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         backlog_growth_per_second,
         peak_rss_mib: rss_kib as f64 / 1024.0,
         cpu_seconds: cpu,
+        machine_cpu_seconds,
+        machine_cpu_ms_per_item: machine_cpu_seconds.filter(|_| accepted > 0).map(|c| c * 1000.0 / accepted as f64),
         pg_three_row_tx_per_second: pg,
         rabbitmq_confirmed_publishes_per_second: mq,
         accepted_ratio_to_pg: accepted_per_second / pg,
@@ -794,6 +823,15 @@ pub fn table(r: &Report) -> String {
     row(&mut out, "CPU seconds of dalil", format!("{:.1}", r.cpu_seconds), String::new());
     row(
         &mut out,
+        "CPU seconds of the machine / per item",
+        match (r.machine_cpu_seconds, r.machine_cpu_ms_per_item) {
+            (Some(c), Some(per)) => format!("{c:.1} / {per:.2} ms"),
+            _ => "n/a".into(),
+        },
+        "all processes, load generator included".into(),
+    );
+    row(
+        &mut out,
         "ceiling: PostgreSQL 3-row tx/s",
         format!("{:.0}", r.pg_three_row_tx_per_second),
         "same machine, same run".into(),
@@ -811,6 +849,16 @@ pub fn table(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_busy_time_is_user_nice_system_irq_and_softirq() {
+        // user 1000, nice 20, system 300, idle 9000, iowait 50, irq 5, softirq 25, steal 400.
+        let line = "cpu  1000 20 300 9000 50 5 25 400 0 0";
+        assert_eq!(busy_seconds(line), Some(13.5));
+        assert_eq!(busy_seconds("cpu0 1 2 3 4 5 6 7 8 0 0"), None, "one CPU's line, not the machine's");
+        assert_eq!(busy_seconds("cpu  1 2 3"), None);
+        assert!(machine_busy_seconds().is_some_and(|s| s > 0.0), "this machine has /proc/stat");
+    }
 
     /// `n` items accepted at `rate` per second from t = 0, each delivered `lag` seconds later
     /// or, with `drain`, at `drain` per second in acceptance order.

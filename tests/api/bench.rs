@@ -34,6 +34,9 @@ async fn the_benchmark_drives_every_item_to_the_inbox_and_the_sms_gateway() {
     assert!((1..=200).contains(&report.backlog_peak), "{report:?}");
     assert_eq!(report.worker_processes, 1);
     assert!(report.peak_rss_mib > 1.0 && report.cpu_seconds > 0.0, "{report:?}");
+    let machine = report.machine_cpu_seconds.expect("Linux has /proc/stat");
+    assert!(machine > 0.0, "{report:?}");
+    assert_eq!(report.machine_cpu_ms_per_item, Some(machine * 1000.0 / 200.0));
     assert!(report.pg_three_row_tx_per_second > 0.0 && report.rabbitmq_confirmed_publishes_per_second > 0.0);
     let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(written["consigned"], 200);
