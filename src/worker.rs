@@ -179,7 +179,13 @@ impl JobRow {
     }
 }
 
-const JOB_QUERY: &str = "select a.id as attempt_id, a.step_id, i.recipient_id, a.status,
+/// Each attempt is its own probe (a lateral subquery per id, kept apart by `offset 0`): one row
+/// in, so every join is an index probe whatever the tables' sizes and statistics, and the plan
+/// PostgreSQL caches for the prepared statement stays right as the tables grow (a join of the
+/// whole array, planned once while they were small, scanned them whole for ever after:
+/// docs/performance.md, "Plans cached on a new database"). Planned once, not per batch.
+const JOB_QUERY: &str = "select j.* from unnest($1::uuid[]) as x(id) cross join lateral (
+     select a.id as attempt_id, a.step_id, i.recipient_id, a.status,
         i.id as item_id, ag.id as agency_id, ag.code as agency_code, i.kind, i.reference,
         case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
         coalesce(r.pinfl, r.tin) as recipient_value, i.policy_id, i.policy_version,
@@ -188,14 +194,11 @@ const JOB_QUERY: &str = "select a.id as attempt_id, a.step_id, i.recipient_id, a
      from attempt a join item i on i.id = a.item_id join agency ag on ag.id = i.agency_id
      join recipient r on r.id = i.recipient_id
      left join notice n on n.item_id = a.item_id and n.channel = a.channel
-     where a.id = any($1)";
+     where a.id = x.id offset 0) j";
 
 /// The jobs of these attempts and their statuses, in one query.
 async fn load_jobs(pool: &PgPool, attempt_ids: &[Uuid]) -> sqlx::Result<HashMap<Uuid, (Job, String)>> {
-    // Statements that take a batch's rows by an array of ids are planned for their values each
-    // time (`persistent(false)`): a plan cached while the tables were small scans them whole for
-    // ever after (docs/performance.md, "Plans cached on a new database").
-    let rows: Vec<JobRow> = sqlx::query_as(JOB_QUERY).bind(attempt_ids).persistent(false).fetch_all(pool).await?;
+    let rows: Vec<JobRow> = sqlx::query_as(JOB_QUERY).bind(attempt_ids).fetch_all(pool).await?;
     Ok(rows.into_iter().map(|r| (r.attempt_id, r.job())).collect())
 }
 
@@ -229,6 +232,9 @@ async fn record_delivered(pool: &PgPool, channel: &dyn Channel, batch: &[(&Job, 
     let mut steps: Vec<Uuid> = batch.iter().map(|(j, _)| j.step_id).collect();
     steps.sort();
     steps.dedup();
+    // The locks and updates by an array of ids are planned for their values each time
+    // (`persistent(false)`): a plan cached while the tables were small would scan them whole
+    // for ever after (docs/performance.md, "Plans cached on a new database").
     sqlx::query("select 1 from step where id = any($1) order by id for no key update")
         .bind(&steps)
         .persistent(false)

@@ -90,20 +90,22 @@ struct Settlement<'a> {
 /// or a few when two are about one item (each statement settles one report per item, so what
 /// it settles is what its evidence says).
 async fn take_all(pool: &PgPool, reports: &[&Report]) -> sqlx::Result<Vec<Taken>> {
+    // Each report is its own probe of the provider's unique index (a lateral subquery per
+    // report, kept apart by `offset 0`), so the plan cached for this prepared statement stays
+    // right as sms_message grows; a join of the whole array, planned while the table was small,
+    // scanned it whole for ever after (docs/performance.md, "Plans cached on a new database").
     let found: Vec<ReportedMessage> = sqlx::query_as(
-        "select m.provider, m.provider_id, m.attempt_id, m.status, i.id as item_id, a.id as agency_id,
-                a.code as agency_code, i.kind, i.reference,
-                case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
-                coalesce(r.pinfl, r.tin) as recipient_value, i.policy_id, i.policy_version
-         from sms_message m join item i on i.id = m.item_id join agency a on a.id = i.agency_id
-         join recipient r on r.id = i.recipient_id
-         where (m.provider, m.provider_id) in (select * from unnest($1::text[], $2::text[]))",
+        "select f.* from unnest($1::text[], $2::text[]) as x(provider, provider_id) cross join lateral (
+            select m.provider, m.provider_id, m.attempt_id, m.status, i.id as item_id, a.id as agency_id,
+                   a.code as agency_code, i.kind, i.reference,
+                   case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
+                   coalesce(r.pinfl, r.tin) as recipient_value, i.policy_id, i.policy_version
+            from sms_message m join item i on i.id = m.item_id join agency a on a.id = i.agency_id
+            join recipient r on r.id = i.recipient_id
+            where m.provider = x.provider and m.provider_id = x.provider_id offset 0) f",
     )
     .bind(reports.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
     .bind(reports.iter().map(|r| r.report.id.as_str()).collect::<Vec<_>>())
-    // Planned for its values each time: a plan cached while sms_message was small scans the
-    // whole table for ever after (see docs/performance.md, "Plans cached on a new database").
-    .persistent(false)
     .fetch_all(pool)
     .await?;
     let mut taken = vec![Taken::Unknown; reports.len()];
