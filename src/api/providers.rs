@@ -134,27 +134,41 @@ async fn take_all(pool: &PgPool, reports: &[&Report]) -> sqlx::Result<Vec<Taken>
         };
         waiting.push((n, Settlement { report: r, attempt_id: m.attempt_id, item: m.item.clone(), record }));
     }
-    // All rounds in one transaction: if one fails, none is kept, and each report is then taken
-    // again alone with the right answer.
-    let mut tx = pool.begin().await?;
-    while !waiting.is_empty() {
-        let mut round: Vec<(usize, Settlement)> = Vec::new();
-        let mut later = Vec::new();
-        for w in waiting {
-            if round.iter().any(|(_, s)| s.item.item_id == w.1.item.item_id) {
-                later.push(w);
-            } else {
-                round.push(w);
-            }
+    // The k-th report about an item goes in the k-th round, one statement each.
+    let mut rounds: Vec<Vec<(usize, Settlement)>> = Vec::new();
+    for w in waiting {
+        match rounds.iter_mut().find(|round| round.iter().all(|(_, s)| s.item.item_id != w.1.item.item_id)) {
+            Some(round) => round.push(w),
+            None => rounds.push(vec![w]),
         }
-        let settled = settle(&mut tx, &round).await?;
-        for (n, s) in &round {
-            taken[*n] = if settled.contains(&s.attempt_id) { Taken::Settled } else { Taken::AlreadyReported };
-        }
-        waiting = later;
     }
-    tx.commit().await?;
+    match &rounds[..] {
+        [] => {}
+        // One statement is atomic by itself: no BEGIN and COMMIT around it (most batches).
+        [round] => settle_round(&mut *pool.acquire().await?, round, &mut taken).await?,
+        // All rounds in one transaction: if one fails, none is kept, and each report is then
+        // taken again alone with the right answer.
+        _ => {
+            let mut tx = pool.begin().await?;
+            for round in &rounds {
+                settle_round(&mut tx, round, &mut taken).await?;
+            }
+            tx.commit().await?;
+        }
+    }
     Ok(taken)
+}
+
+async fn settle_round(
+    conn: &mut sqlx::PgConnection,
+    round: &[(usize, Settlement<'_>)],
+    taken: &mut [Taken],
+) -> sqlx::Result<()> {
+    let settled = settle(conn, round).await?;
+    for (n, s) in round {
+        taken[*n] = if settled.contains(&s.attempt_id) { Taken::Settled } else { Taken::AlreadyReported };
+    }
+    Ok(())
 }
 
 /// Writes reports in one statement; returns the attempts whose messages they settled.
