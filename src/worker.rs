@@ -180,10 +180,11 @@ impl JobRow {
 }
 
 /// Each attempt is its own probe (a lateral subquery per id, kept apart by `offset 0`): one row
-/// in, so every join is an index probe whatever the tables' sizes and statistics, and the plan
-/// PostgreSQL caches for the prepared statement stays right as the tables grow (a join of the
-/// whole array, planned once while they were small, scanned them whole for ever after:
-/// docs/performance.md, "Plans cached on a new database"). Planned once, not per batch.
+/// in, so every join is a probe of a unique index, and the plan PostgreSQL caches for the
+/// prepared statement stays right as the tables grow (a join of the whole array, planned once
+/// while they were small, scanned them whole for ever after: docs/performance.md, "Plans
+/// cached on a new database"). The exception is a table analyzed while it held about a page,
+/// which may be scanned per id until its next ANALYZE replans this. Planned once, not per batch.
 const JOB_QUERY: &str = "select j.* from unnest($1::uuid[]) as x(id) cross join lateral (
      select a.id as attempt_id, a.step_id, i.recipient_id, a.status,
         i.id as item_id, ag.id as agency_id, ag.code as agency_code, i.kind, i.reference,

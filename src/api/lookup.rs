@@ -134,9 +134,10 @@ struct Numbered<T> {
 }
 
 // Each key is a probe of a unique index (a lateral subquery per key, kept apart from the outer
-// query by `offset 0` or `union all`), so the plan is the same whatever the tables' sizes and
-// statistics: a prepared plan made on an empty database never turns into a scan of millions
-// of recipients.
+// query by `offset 0` or `union all`): one row in, so a prepared plan made on an empty
+// database (never analyzed, counted as at least ten pages) probes the index and keeps doing
+// so as the table grows to millions of recipients. One exception: a table analyzed while it
+// held about a page may be scanned per key, until its next ANALYZE replans the statement.
 
 fn agencies<'a>(pool: &'a PgPool, keys: &'a [&'a KeyHash]) -> BoxFuture<'a, sqlx::Result<Vec<Option<KeyOwner>>>> {
     Box::pin(async move {

@@ -92,7 +92,8 @@ struct Settlement<'a> {
 async fn take_all(pool: &PgPool, reports: &[&Report]) -> sqlx::Result<Vec<Taken>> {
     // Each report is its own probe of the provider's unique index (a lateral subquery per
     // report, kept apart by `offset 0`), so the plan cached for this prepared statement stays
-    // right as sms_message grows; a join of the whole array, planned while the table was small,
+    // right as sms_message grows (unless a table was analyzed while it held about a page: then
+    // until its next ANALYZE); a join of the whole array, planned while the table was small,
     // scanned it whole for ever after (docs/performance.md, "Plans cached on a new database").
     let found: Vec<ReportedMessage> = sqlx::query_as(
         "select f.* from unnest($1::text[], $2::text[]) as x(provider, provider_id) cross join lateral (
