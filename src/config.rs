@@ -100,6 +100,10 @@ pub struct WorkerSettings {
     pub inbox_concurrency: usize,
     /// Deliveries of one queue recorded together, at most.
     pub batch_size: usize,
+    /// How long a batch that began on an idle queue waits for more deliveries (milliseconds;
+    /// 0, or missing from an older configuration file: it does not wait).
+    #[serde(default)]
+    pub batch_wait_ms: u64,
     pub channels: Vec<String>,
 }
 

@@ -524,25 +524,43 @@ async fn consume(
     let acks: Arc<Mutex<Acks>> = Arc::default();
     let ladder = topology.retry_ladder();
     let batch_size = settings.worker.batch_size.max(1);
+    let wait = Duration::from_millis(settings.worker.batch_wait_ms);
     let result = loop {
         // A free slot first: while every slot is busy, deliveries pile up and make the next
-        // batch bigger. Under light load a batch is the one delivery that came.
+        // batch bigger.
         let permit = tokio::select! {
             _ = cancel.cancelled() => break Ok(()),
             p = limit.clone().acquire_owned() => p?,
         };
-        let delivery = tokio::select! {
-            _ = cancel.cancelled() => break Ok(()),
-            d = consumer.next() => d,
+        // A delivery that is already here means work is waiting: take what has come and go.
+        // One that had to be waited for means the queue was idle (light load): then wait
+        // `batch_wait_ms` more for others, so that a few deliveries share a batch's dozen
+        // statements instead of each paying them alone.
+        let (delivery, idle) = match consumer.next().now_or_never() {
+            Some(d) => (d, false),
+            None => tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                d = consumer.next() => (d, true),
+            },
         };
         let mut batch = match delivery {
             Some(Ok(d)) => vec![d],
             Some(Err(e)) => break Err(anyhow::Error::from(e)),
             None => break Err(anyhow::anyhow!("consumer closed by the broker")),
         };
+        let until = (idle && !wait.is_zero()).then(|| tokio::time::Instant::now() + wait);
         let mut ended = None;
         while batch.len() < batch_size {
-            match consumer.next().now_or_never() {
+            let next = match until {
+                None => consumer.next().now_or_never(),
+                Some(until) => tokio::select! {
+                    // Shutting down: record what came, and stop at the top of the loop.
+                    _ = cancel.cancelled() => None,
+                    _ = tokio::time::sleep_until(until) => None,
+                    d = consumer.next() => Some(d),
+                },
+            };
+            match next {
                 Some(Some(Ok(d))) => batch.push(d),
                 Some(Some(Err(e))) => {
                     ended = Some(anyhow::Error::from(e));

@@ -346,3 +346,31 @@ async fn a_read_that_fails_answers_every_request_that_shared_it_at_once() {
     assert!(took < std::time::Duration::from_secs(4), "25 failed reads took {took:?}");
     assert_eq!(app.count("select count(*) from item").await, 0);
 }
+
+/// A batch that begins on an idle queue waits `worker.batch_wait_ms` for more deliveries:
+/// items that come one by one within that time are deposited in one transaction, where each
+/// used to pay a batch's statements alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_that_trickle_into_an_idle_queue_are_recorded_together() {
+    let app = TestApp::spawn_with(Options { tweak: |s| s.worker.batch_wait_ms = 3000, ..Default::default() }).await;
+    let key = app.agency("court-gw").await;
+    let (pinfl, _) = app.citizen("3120588010034").await;
+    let started = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let mut body = summons(pinfl.as_str());
+        body["reference"] = format!("7-{i}/2026").into();
+        let answer = app.submit(&key, &format!("gw-{i}"), &body).await;
+        assert_eq!(answer.status(), 202);
+        ids.push(answer.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    }
+    // The four were submitted well within the wait that the first one's delivery began.
+    assert!(started.elapsed() < std::time::Duration::from_millis(2500), "the submissions took {:?}", started.elapsed());
+    for id in &ids {
+        app.wait_for_status(&key, id, &["consigned"]).await;
+    }
+    // Inbox entries are never updated here (nobody opens them), so each keeps its writer's xmin.
+    let transactions = app.count("select count(distinct xmin::text) from inbox_entry").await;
+    assert_eq!(transactions, 1, "four deliveries 150 ms apart on an idle queue took {transactions} transactions");
+}
