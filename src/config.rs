@@ -90,6 +90,10 @@ pub struct ApiSettings {
 pub struct RelaySettings {
     pub batch_size: i64,
     pub poll_interval_ms: u64,
+    /// How long rows gather before a round once they are coming (milliseconds; 0, or missing
+    /// from an older configuration file: no wait).
+    #[serde(default)]
+    pub batch_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -347,6 +347,27 @@ async fn a_read_that_fails_answers_every_request_that_shared_it_at_once() {
     assert_eq!(app.count("select count(*) from item").await, 0);
 }
 
+/// Submits four items 150 ms apart (each answered before the next is sent) and waits until
+/// all are in the inbox.
+async fn trickle(app: &TestApp, key: &str, agency: &str) {
+    let (pinfl, _) = app.citizen("3120588010034").await;
+    let started = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let mut body = summons(pinfl.as_str());
+        body["reference"] = format!("7-{i}/2026").into();
+        let answer = app.submit(key, &format!("{agency}-{i}"), &body).await;
+        assert_eq!(answer.status(), 202);
+        ids.push(answer.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    }
+    // Well within the 3 s wait that the first one began.
+    assert!(started.elapsed() < std::time::Duration::from_millis(2500), "the submissions took {:?}", started.elapsed());
+    for id in &ids {
+        app.wait_for_status(key, id, &["consigned"]).await;
+    }
+}
+
 /// A batch that begins on an idle queue waits `worker.batch_wait_ms` for more deliveries:
 /// items that come one by one within that time are deposited in one transaction, where each
 /// used to pay a batch's statements alone.
@@ -354,23 +375,21 @@ async fn a_read_that_fails_answers_every_request_that_shared_it_at_once() {
 async fn deliveries_that_trickle_into_an_idle_queue_are_recorded_together() {
     let app = TestApp::spawn_with(Options { tweak: |s| s.worker.batch_wait_ms = 3000, ..Default::default() }).await;
     let key = app.agency("court-gw").await;
-    let (pinfl, _) = app.citizen("3120588010034").await;
-    let started = std::time::Instant::now();
-    let mut ids = Vec::new();
-    for i in 0..4 {
-        let mut body = summons(pinfl.as_str());
-        body["reference"] = format!("7-{i}/2026").into();
-        let answer = app.submit(&key, &format!("gw-{i}"), &body).await;
-        assert_eq!(answer.status(), 202);
-        ids.push(answer.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
-        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-    }
-    // The four were submitted well within the wait that the first one's delivery began.
-    assert!(started.elapsed() < std::time::Duration::from_millis(2500), "the submissions took {:?}", started.elapsed());
-    for id in &ids {
-        app.wait_for_status(&key, id, &["consigned"]).await;
-    }
+    trickle(&app, &key, "court-gw").await;
     // Inbox entries are never updated here (nobody opens them), so each keeps its writer's xmin.
     let transactions = app.count("select count(distinct xmin::text) from inbox_entry").await;
     assert_eq!(transactions, 1, "four deliveries 150 ms apart on an idle queue took {transactions} transactions");
+}
+
+/// Once a commit wakes the relay, it lets rows gather for `relay.batch_wait_ms` before it
+/// claims them: outbox rows committed one by one within that time are published in one round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rows_that_trickle_in_are_published_in_one_round() {
+    let app = TestApp::spawn_with(Options { tweak: |s| s.relay.batch_wait_ms = 3000, ..Default::default() }).await;
+    let key = app.agency("court-gr").await;
+    trickle(&app, &key, "court-gr").await;
+    // A round marks its rows published in one update, so they share that transaction's xmin.
+    assert_eq!(app.count("select count(*) from outbox where published_at is not null").await, 4);
+    let rounds = app.count("select count(distinct xmin::text) from outbox").await;
+    assert_eq!(rounds, 1, "four items 150 ms apart were published in {rounds} rounds");
 }
