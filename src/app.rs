@@ -101,6 +101,7 @@ impl App {
             intake: crate::api::intake::Intake::start(pool.clone(), group),
             reports: crate::api::providers::Reports::start(pool.clone(), group),
             lookups: crate::api::lookup::Lookups::start(pool.clone(), group),
+            relay_wake: outbox::Wake::default(),
         };
         Ok(App { settings, pool, topology, listener, state })
     }
@@ -121,7 +122,8 @@ impl App {
         if roles.relay {
             let (pool, settings, topology, cancel) =
                 (self.pool.clone(), self.settings.clone(), self.topology.clone(), cancel.clone());
-            tasks.spawn(async move { outbox::run(pool, settings, topology, cancel).await.context("relay") });
+            let wake = self.state.relay_wake.clone();
+            tasks.spawn(async move { outbox::run(pool, settings, topology, wake, cancel).await.context("relay") });
         }
         if roles.worker {
             let (pool, settings, topology, cancel) =

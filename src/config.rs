@@ -265,6 +265,10 @@ impl Settings {
         if self.worker.concurrency == 0 || self.worker.inbox_concurrency == 0 || self.worker.prefetch == 0 {
             bail!("worker.concurrency, worker.inbox_concurrency and worker.prefetch must be at least 1");
         }
+        // They gather a batch; a longer wait would only hold every item up under light load.
+        if self.worker.batch_wait_ms > 1000 || self.relay.batch_wait_ms > 1000 {
+            bail!("worker.batch_wait_ms and relay.batch_wait_ms must be at most 1000 (milliseconds)");
+        }
         for (name, expr) in self.scheduler.jobs() {
             if let Err(e) = expr.parse::<cron::Schedule>() {
                 bail!("scheduler.{name}: not a cron expression with seconds ({e})");
@@ -395,8 +399,14 @@ fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> anyhow::Resul
                     .collect(),
             ),
             Some(toml::Value::String(_)) => toml::Value::String(raw.into()),
-            // Keys that have no default in the file but are known to the program.
-            None if key == "queue_expires_ms" => toml::Value::Integer(raw.parse().context("expected a whole number")?),
+            // Keys that an older file may lack but that the program knows (its default: 0).
+            None if matches!(
+                path.iter().map(String::as_str).collect::<Vec<_>>()[..],
+                ["queue_expires_ms"] | ["worker" | "relay", "batch_wait_ms"]
+            ) =>
+            {
+                toml::Value::Integer(raw.parse().context("expected a whole number")?)
+            }
             _ => bail!("unknown configuration key {key:?}"),
         };
         table.insert(key.clone(), new);
@@ -490,6 +500,23 @@ mod tests {
         assert!(Settings::from_sources(&bad_name, env(&[])).is_err());
         let not_scalar = BUILT_IN.replace("random_page_cost = 1.1", "random_page_cost = [1]");
         assert!(Settings::from_sources(&not_scalar, env(&[])).is_err());
+    }
+
+    #[test]
+    fn batch_waits_default_to_none_in_an_older_file_and_are_bounded() {
+        let s = Settings::from_sources(BUILT_IN, env(&[])).unwrap();
+        assert_eq!((s.worker.batch_wait_ms, s.relay.batch_wait_ms), (50, 20));
+        let older = BUILT_IN.replace("batch_wait_ms = 50", "").replace("batch_wait_ms = 20", "");
+        assert_ne!(older, BUILT_IN);
+        let s = Settings::from_sources(&older, env(&[])).unwrap();
+        assert_eq!((s.worker.batch_wait_ms, s.relay.batch_wait_ms), (0, 0));
+        let vars = env(&[("DALIL_WORKER__BATCH_WAIT_MS", "30"), ("DALIL_RELAY__BATCH_WAIT_MS", "10")]);
+        let s = Settings::from_sources(&older, vars).unwrap();
+        assert_eq!((s.worker.batch_wait_ms, s.relay.batch_wait_ms), (30, 10));
+        // Only where the program knows the key.
+        assert!(Settings::from_sources(&older, env(&[("DALIL_API__BATCH_WAIT_MS", "30")])).is_err());
+        assert!(Settings::from_sources(BUILT_IN, env(&[("DALIL_WORKER__BATCH_WAIT_MS", "1001")])).is_err());
+        assert!(Settings::from_sources(BUILT_IN, env(&[("DALIL_RELAY__BATCH_WAIT_MS", "5000")])).is_err());
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //! relay that dies mid-batch leaves its rows unmarked; they are published again and the
 //! consumers, idempotent by attempt id, absorb the duplicate.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::FutureExt;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
@@ -15,6 +18,7 @@ use lapin::{BasicProperties, Channel};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -47,12 +51,13 @@ pub async fn run(
     pool: PgPool,
     settings: Settings,
     topology: Topology,
+    wake: Wake,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
     loop {
         let mut connected = false;
-        match run_connected(&pool, &settings, &topology, &cancel, &mut connected).await {
+        match run_connected(&pool, &settings, &topology, &wake.0, &cancel, &mut connected).await {
             Ok(()) => return Ok(()),
             Err(e) => {
                 if connected {
@@ -69,22 +74,27 @@ pub async fn run(
     }
 }
 
-/// Wakes this process's relay, if it runs one, after a commit that wrote outbox rows. Relays
-/// in other processes find the rows at their next poll (`relay.poll_interval_ms`).
+/// Wakes the relay of the app it belongs to, if that app runs one, after a commit that wrote
+/// outbox rows; cheap to clone. Relays in other processes find the rows at their next poll
+/// (`relay.poll_interval_ms`).
 ///
 /// Not NOTIFY: PostgreSQL serialises the commits of every transaction that sent a NOTIFY
 /// (they take one lock at commit, held through the WAL flush), which capped submissions at
 /// about 300/s on this machine.
-pub fn wake() {
-    WAKE.notify_one();
-}
+#[derive(Clone, Default)]
+pub struct Wake(Arc<Notify>);
 
-static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+impl Wake {
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+}
 
 async fn run_connected(
     pool: &PgPool,
     settings: &Settings,
     topology: &Topology,
+    wake: &Notify,
     cancel: &CancellationToken,
     connected: &mut bool,
 ) -> anyhow::Result<()> {
@@ -100,6 +110,9 @@ async fn run_connected(
             let _ = conn.close(200, ShortString::from("shutdown")).await;
             return Ok(());
         }
+        // The rows of every wake so far are committed, so this round sees them: a wake left
+        // stored would only make an empty round later.
+        let _ = wake.notified().now_or_never();
         let (claimed, published) = publish_batch(pool, &ch, topology, settings.relay.batch_size).await?;
         if claimed > 0 && published == claimed && claimed == settings.relay.batch_size as usize {
             continue; // a full batch: more may be waiting
@@ -111,7 +124,7 @@ async fn run_connected(
         if claimed == 0 {
             tokio::select! {
                 _ = cancel.cancelled() => continue,
-                _ = WAKE.notified() => {}
+                _ = wake.notified() => {}
                 _ = tokio::time::sleep(poll) => continue,
             }
         }

@@ -390,6 +390,11 @@ trait Handler: Send + Sync {
     fn process<'a>(&'a self, body: &'a [u8], retries: u32) -> BoxFuture<'a, Outcome>;
     /// After the last retry: record the failure for good.
     fn give_up<'a>(&'a self, body: &'a [u8], why: &'a str) -> BoxFuture<'a, Outcome>;
+    /// Whether [`Handler::process_batch`] does a batch's work together, so that a bigger batch
+    /// costs less per message (and a batch on an idle queue is worth waiting for).
+    fn batches(&self) -> bool {
+        false
+    }
     /// Several messages at once, one outcome each, in order. By default one at a time.
     fn process_batch<'a>(&'a self, messages: &'a [(&'a [u8], u32)]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
@@ -406,6 +411,10 @@ struct ChannelHandler {
 impl Handler for ChannelHandler {
     fn name(&self) -> &str {
         self.channel.name()
+    }
+
+    fn batches(&self) -> bool {
+        true
     }
 
     fn process<'a>(&'a self, body: &'a [u8], _retries: u32) -> BoxFuture<'a, Outcome> {
@@ -523,12 +532,14 @@ async fn consume(
     let limit = Arc::new(Semaphore::new(concurrency));
     let acks: Arc<Mutex<Acks>> = Arc::default();
     let ladder = topology.retry_ladder();
-    let batch_size = settings.worker.batch_size.max(1);
-    let wait = Duration::from_millis(settings.worker.batch_wait_ms);
+    // More than `prefetch` unacked deliveries never come, so a batch never waits for more.
+    let batch_size = settings.worker.batch_size.clamp(1, settings.worker.prefetch.max(1) as usize);
+    let wait = Duration::from_millis(if handler.batches() { settings.worker.batch_wait_ms } else { 0 });
     let result = loop {
         // A free slot first: while every slot is busy, deliveries pile up and make the next
         // batch bigger.
         let permit = tokio::select! {
+            biased;
             _ = cancel.cancelled() => break Ok(()),
             p = limit.clone().acquire_owned() => p?,
         };
@@ -554,7 +565,7 @@ async fn consume(
             let next = match until {
                 None => consumer.next().now_or_never(),
                 Some(until) => tokio::select! {
-                    // Shutting down: record what came, and stop at the top of the loop.
+                    // Shutting down: record what came, and stop before the next batch.
                     _ = cancel.cancelled() => None,
                     _ = tokio::time::sleep_until(until) => None,
                     d = consumer.next() => Some(d),

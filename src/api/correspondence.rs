@@ -439,7 +439,7 @@ async fn accept(
     // Committed, with whatever other submissions were written alongside, before the answer.
     let Some(appended) = state.intake.write(row).await? else { return Ok(None) };
 
-    crate::outbox::wake();
+    state.relay_wake.wake();
     tracing::info!(%item_id, %trace_id, agency = agency.code, kind = p.kind.as_str(), "accepted");
     // The same answer a replay of this request gets, from what is in hand.
     let body = SubmitResponse {

@@ -45,6 +45,8 @@ pub struct AppState {
     pub reports: providers::Reports,
     /// Where agencies (by key) and recipients are read, together with reads made alongside.
     pub lookups: lookup::Lookups,
+    /// Wakes this process's relay after a commit that wrote outbox rows.
+    pub relay_wake: crate::outbox::Wake,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -347,49 +347,75 @@ async fn a_read_that_fails_answers_every_request_that_shared_it_at_once() {
     assert_eq!(app.count("select count(*) from item").await, 0);
 }
 
-/// Submits four items 150 ms apart (each answered before the next is sent) and waits until
-/// all are in the inbox.
-async fn trickle(app: &TestApp, key: &str, agency: &str) {
+/// Submits a first item and waits until it is in the inbox (so the relay and the workers are
+/// running), then four more 150 ms apart, each answered before the next is sent, and waits
+/// until those are in the inbox too. Returns the four's ids.
+async fn trickle(app: &TestApp, key: &str, agency: &str) -> Vec<String> {
     let (pinfl, _) = app.citizen("3120588010034").await;
-    let started = std::time::Instant::now();
-    let mut ids = Vec::new();
-    for i in 0..4 {
+    let submit = |i: usize| {
         let mut body = summons(pinfl.as_str());
         body["reference"] = format!("7-{i}/2026").into();
-        let answer = app.submit(key, &format!("{agency}-{i}"), &body).await;
-        assert_eq!(answer.status(), 202);
-        ids.push(answer.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
-        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        async move {
+            let answer = app.submit(key, &format!("{agency}-{i}"), &body).await;
+            assert_eq!(answer.status(), 202);
+            answer.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+        }
+    };
+    let first = submit(0).await;
+    app.wait_for_status(key, &first, &["consigned"]).await;
+    let started = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for i in 1..=4 {
+        ids.push(submit(i).await);
+        if i < 4 {
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        }
     }
-    // Well within the 3 s wait that the first one began.
-    assert!(started.elapsed() < std::time::Duration::from_millis(2500), "the submissions took {:?}", started.elapsed());
+    // Within the 1 s wait of the tests below, so at most two waits can split them.
+    assert!(started.elapsed() < std::time::Duration::from_millis(1000), "the submissions took {:?}", started.elapsed());
     for id in &ids {
         app.wait_for_status(key, id, &["consigned"]).await;
     }
+    ids
 }
 
-/// A batch that begins on an idle queue waits `worker.batch_wait_ms` for more deliveries:
-/// items that come one by one within that time are deposited in one transaction, where each
-/// used to pay a batch's statements alone.
+/// A batch whose first delivery had to be waited for waits `worker.batch_wait_ms` for more:
+/// items that come one by one within that time are deposited together, where each used to be
+/// a batch (and a transaction) of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_that_trickle_into_an_idle_queue_are_recorded_together() {
-    let app = TestApp::spawn_with(Options { tweak: |s| s.worker.batch_wait_ms = 3000, ..Default::default() }).await;
+    let app = TestApp::spawn_with(Options { tweak: |s| s.worker.batch_wait_ms = 1000, ..Default::default() }).await;
     let key = app.agency("court-gw").await;
-    trickle(&app, &key, "court-gw").await;
-    // Inbox entries are never updated here (nobody opens them), so each keeps its writer's xmin.
-    let transactions = app.count("select count(distinct xmin::text) from inbox_entry").await;
-    assert_eq!(transactions, 1, "four deliveries 150 ms apart on an idle queue took {transactions} transactions");
+    let ids: Vec<Uuid> = trickle(&app, &key, "court-gw").await.iter().map(|id| id.parse().unwrap()).collect();
+    // Inbox entries are never updated here (nobody opens them), so each keeps its writer's
+    // xmin. Four items within one wait: one batch, or two if the wait began just before the
+    // first of them (without the wait: four).
+    let transactions: i64 =
+        sqlx::query_scalar("select count(distinct xmin::text) from inbox_entry where item_id = any($1)")
+            .bind(&ids)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(transactions <= 2, "four deliveries 150 ms apart on an idle queue took {transactions} transactions");
 }
 
 /// Once a commit wakes the relay, it lets rows gather for `relay.batch_wait_ms` before it
-/// claims them: outbox rows committed one by one within that time are published in one round.
+/// claims them, and waits as long again after a round that found rows: outbox rows committed
+/// one by one within that time are published in one round, or two (without the wait: four).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbox_rows_that_trickle_in_are_published_in_one_round() {
-    let app = TestApp::spawn_with(Options { tweak: |s| s.relay.batch_wait_ms = 3000, ..Default::default() }).await;
+async fn outbox_rows_that_trickle_in_are_published_together() {
+    let app = TestApp::spawn_with(Options { tweak: |s| s.relay.batch_wait_ms = 1000, ..Default::default() }).await;
     let key = app.agency("court-gr").await;
-    trickle(&app, &key, "court-gr").await;
+    let ids = trickle(&app, &key, "court-gr").await;
     // A round marks its rows published in one update, so they share that transaction's xmin.
-    assert_eq!(app.count("select count(*) from outbox where published_at is not null").await, 4);
-    let rounds = app.count("select count(distinct xmin::text) from outbox").await;
-    assert_eq!(rounds, 1, "four items 150 ms apart were published in {rounds} rounds");
+    let (rows, rounds): (i64, i64) = sqlx::query_as(
+        "select count(*), count(distinct xmin::text) from outbox
+         where published_at is not null and payload->>'item_id' = any($1)",
+    )
+    .bind(&ids)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, 4);
+    assert!(rounds <= 2, "four items 150 ms apart were published in {rounds} rounds");
 }
