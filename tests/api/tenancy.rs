@@ -68,3 +68,48 @@ async fn bad_credentials_are_refused_with_401() {
     assert_eq!(app.submit(&key, "r", &summons(pinfl.as_str())).await.status(), 401);
     assert_eq!(app.count("select count(*) from item").await, 0);
 }
+
+/// A submission reads its agency together with its recipient, or alone when the request is
+/// wrong otherwise; either way an unknown or revoked key is a 401 before anything else is
+/// said about the request, and the same faults with a valid key get their own 4xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_key_is_refused_before_any_fault_of_the_submission() {
+    let app = TestApp::spawn().await;
+    let key = app.agency("court-k401").await;
+    let revoked = app.agency("court-k401r").await;
+    dalil::admin::api_key_revoke(&app.pool, &revoked[..14]).await.unwrap();
+    let (pinfl, _) = app.citizen("3120588010025").await;
+    let unregistered = dalil::domain::Pinfl::with_check_digit("3120588010026").to_string();
+    let mut bad_field = summons(pinfl.as_str());
+    bad_field["recipient"]["pinfl"] = "123".into();
+    let valid = serde_json::to_vec(&summons(pinfl.as_str())).unwrap();
+    let cases: [(&str, Vec<u8>, Option<&str>, u16); 5] = [
+        ("no Idempotency-Key", valid.clone(), None, 400),
+        ("malformed JSON", b"{\"kind\": ".to_vec(), Some("k2"), 400),
+        ("an invalid PINFL", serde_json::to_vec(&bad_field).unwrap(), Some("k3"), 422),
+        ("an unregistered recipient", serde_json::to_vec(&summons(&unregistered)).unwrap(), Some("k4"), 422),
+        ("nothing wrong", valid, Some("k5"), 202),
+    ];
+    for (what, body, idempotency_key, with_valid_key) in cases {
+        for (api_key, expected) in
+            [("dalil_0000000000000000", 401), (revoked.as_str(), 401), (key.as_str(), with_valid_key)]
+        {
+            let mut request = app
+                .client
+                .post(app.url("/v1/correspondence"))
+                .bearer_auth(api_key)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            if let Some(k) = idempotency_key {
+                request = request.header("Idempotency-Key", k);
+            }
+            let answer = request.send().await.unwrap();
+            assert_eq!(answer.status(), expected, "{what} with {}", &api_key[..14]);
+            if expected == 401 {
+                let problem: Value = answer.json().await.unwrap();
+                assert_eq!(problem["detail"], "the API key is unknown or revoked", "{what}");
+            }
+        }
+    }
+    assert_eq!(app.count("select count(*) from item").await, 1);
+}
