@@ -8,7 +8,6 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use super::lookup::KeyOwner;
 use super::{ApiError, AppState};
 use crate::domain::Pinfl;
 
@@ -54,43 +53,12 @@ impl FromRequestParts<AppState> for Agency {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        AgencyKey::from_request_parts(parts, state).await?.agency(state).await
-    }
-}
-
-/// An agency API key as presented, not yet looked up: a submission reads its agency in the
-/// same statement as its recipient (`super::lookup`). A missing or malformed key is refused
-/// here already.
-pub struct AgencyKey {
-    hash: Vec<u8>,
-}
-
-impl FromRequestParts<AppState> for AgencyKey {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &AppState) -> Result<Self, Self::Rejection> {
-        let (hash, _) = presented(parts, KEY_PREFIX, "API key")?;
-        Ok(AgencyKey { hash })
-    }
-}
-
-impl AgencyKey {
-    /// The SHA-256 the key is stored by.
-    pub fn hash(&self) -> &[u8] {
-        &self.hash
-    }
-
-    /// The agency, if `owner` (read by this key's hash) holds this key unrevoked; else the 401.
-    pub fn check(&self, owner: Option<KeyOwner>) -> Result<Agency, ApiError> {
-        match owner {
-            Some(o) if bool::from(o.key_hash.ct_eq(&self.hash)) => Ok(Agency { id: o.id, code: o.code, name: o.name }),
-            _ => Err(ApiError::Unauthorized("the API key is unknown or revoked".into())),
+        // Read with the keys of requests made alongside (`super::lookup`).
+        let (hash, denied) = presented(parts, KEY_PREFIX, "API key")?;
+        match state.lookups.agency(hash.clone()).await? {
+            Some(o) if bool::from(o.key_hash.ct_eq(&hash)) => Ok(Agency { id: o.id, code: o.code, name: o.name }),
+            _ => Err(denied()),
         }
-    }
-
-    /// Reads the agency alone (with the keys of requests made alongside, `super::lookup`).
-    pub async fn agency(&self, state: &AppState) -> Result<Agency, ApiError> {
-        self.check(state.lookups.agency(self.hash.clone()).await?)
     }
 }
 

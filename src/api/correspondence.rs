@@ -19,7 +19,7 @@ use sqlx::PgConnection;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::auth::{Agency, AgencyKey};
+use super::auth::Agency;
 use super::lookup::Recipient;
 use super::{intake, ApiError, ApiResult, AppState, JsonBody};
 use crate::domain::{Kind, Language, RecipientId};
@@ -211,31 +211,12 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdempotencyKey {
     security(("agency_key" = [])))]
 pub async fn submit(
     State(state): State<AppState>,
-    api_key: AgencyKey,
-    idempotency_key: Result<IdempotencyKey, ApiError>,
-    body: Result<JsonBody<SubmitRequest>, ApiError>,
+    agency: Agency,
+    IdempotencyKey(key): IdempotencyKey,
+    body: JsonBody<SubmitRequest>,
 ) -> ApiResult<Response> {
-    // An unknown key is a 401 before the request is anything else, as for every agency route.
-    let (IdempotencyKey(key), body) = match (idempotency_key, body) {
-        (Ok(key), Ok(body)) => (key, body),
-        (Err(e), _) | (_, Err(e)) => {
-            api_key.agency(&state).await?;
-            return Err(e);
-        }
-    };
     let request_sha256 = evidence::sha256_hex(&crate::jcs::to_vec(&body.raw));
-    // A valid submission reads its agency and its recipient in one statement; an invalid one
-    // reads its agency alone, for the 401 an unknown key gets before a validation error.
-    let (agency, accepted) = match prepare(body.value) {
-        Ok(p) => {
-            let (owner, recipient) = state.lookups.submitter(api_key.hash().to_vec(), p.recipient.clone()).await?;
-            let agency = api_key.check(owner)?;
-            let accepted = accept(&state, &agency, &key, &request_sha256, p, recipient).await;
-            (agency, accepted)
-        }
-        Err(e) => (api_key.agency(&state).await?, Err(e)),
-    };
-    match accepted {
+    match accept(&state, &agency, &key, &request_sha256, body.value).await {
         Ok(Some(response)) => Ok(response),
         // Another request holds the key: answer as it did, once it has.
         Ok(None) => {
@@ -267,9 +248,11 @@ async fn accept(
     agency: &Agency,
     key: &str,
     request_sha256: &str,
-    p: Prepared,
-    recipient: Option<Recipient>,
+    body: SubmitRequest,
 ) -> ApiResult<Option<Response>> {
+    let p = prepare(body)?;
+    // Read with the recipients of submissions made alongside (`super::lookup`).
+    let recipient = state.lookups.recipient(p.recipient.clone()).await?;
     let Some(Recipient { id: recipient_id, name: recipient_name, phone, email, digital_consent }) = recipient else {
         return Err(ApiError::invalid(
             format!("recipient.{}", p.recipient.scheme()),

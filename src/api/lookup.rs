@@ -8,10 +8,6 @@
 //! twentieth (docs/performance.md). So, as with writes ([`super::intake`]), reads that queue
 //! while earlier ones are in flight are made in one statement ([`crate::group`]).
 //!
-//! A valid submission makes both reads in one: its agency and its recipient in the same row of
-//! the same statement, so that below saturation, where each request's reads go alone, a
-//! submission costs one read statement, not two.
-//!
 //! Nothing is cached: each read sees what is committed when its statement runs, so a revoked
 //! key is refused and a withdrawn consent counts from the next request on, as before.
 
@@ -44,17 +40,8 @@ pub struct Recipient {
 /// The SHA-256 of a presented agency key.
 pub struct KeyHash(pub Vec<u8>);
 
-/// A submission's two reads: its agency by the key's hash, and its recipient.
-pub struct Submission {
-    pub key_hash: Vec<u8>,
-    pub recipient: RecipientId,
-}
-
-/// What a submission's reads found: the key's owner and the recipient, each if any.
-pub type Submitter = (Option<KeyOwner>, Option<Recipient>);
-
 impl Job for KeyHash {}
-impl Job for Submission {}
+impl Job for RecipientId {}
 
 type Found<T> = sqlx::Result<Option<T>>;
 
@@ -65,7 +52,7 @@ type Read<J, T> = for<'a> fn(&'a PgPool, &'a [&'a J]) -> BoxFuture<'a, sqlx::Res
 #[derive(Clone)]
 pub struct Lookups {
     agencies: Group<KeyHash, Found<KeyOwner>>,
-    submissions: Group<Submission, Found<Submitter>>,
+    recipients: Group<RecipientId, Found<Recipient>>,
 }
 
 impl Lookups {
@@ -74,9 +61,7 @@ impl Lookups {
         let p = pool.clone();
         Lookups {
             agencies: Group::start(limits, move |batch| read_batch(p.clone(), batch, "API keys", agencies)),
-            submissions: Group::start(limits, move |batch| {
-                read_batch(pool.clone(), batch, "API keys and recipients", submitters)
-            }),
+            recipients: Group::start(limits, move |batch| read_batch(pool.clone(), batch, "recipients", recipients)),
         }
     }
 
@@ -85,11 +70,9 @@ impl Lookups {
         self.agencies.run(KeyHash(key_hash)).await.unwrap_or(Err(sqlx::Error::PoolClosed))
     }
 
-    /// The agency that holds this unrevoked key and the recipient registered with this
-    /// identifier, in one read.
-    pub async fn submitter(&self, key_hash: Vec<u8>, recipient: RecipientId) -> sqlx::Result<Submitter> {
-        let found = self.submissions.run(Submission { key_hash, recipient }).await;
-        Ok(found.unwrap_or(Err(sqlx::Error::PoolClosed))?.unwrap_or((None, None)))
+    /// The recipient registered with this identifier.
+    pub async fn recipient(&self, id: RecipientId) -> Found<Recipient> {
+        self.recipients.run(id).await.unwrap_or(Err(sqlx::Error::PoolClosed))
     }
 }
 
@@ -173,64 +156,24 @@ fn agencies<'a>(pool: &'a PgPool, keys: &'a [&'a KeyHash]) -> BoxFuture<'a, sqlx
     })
 }
 
-/// The identifier as the statements bind it: (PINFL, TIN), one of them null.
-fn pinfl_and_tin(id: &RecipientId) -> (Option<&str>, Option<&str>) {
-    match id {
-        RecipientId::Pinfl(_) => (Some(id.value()), None),
-        RecipientId::Tin(_) => (None, Some(id.value())),
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct SubmitterRow {
-    n: i64,
-    agency_id: Option<Uuid>,
-    code: Option<String>,
-    agency_name: Option<String>,
-    key_hash: Option<Vec<u8>>,
-    recipient_id: Option<Uuid>,
-    recipient_name: Option<String>,
-    phone: Option<String>,
-    email: Option<String>,
-    digital_consent: Option<bool>,
-}
-
-fn submitters<'a>(pool: &'a PgPool, keys: &'a [&'a Submission]) -> BoxFuture<'a, sqlx::Result<Vec<Option<Submitter>>>> {
+fn recipients<'a>(pool: &'a PgPool, ids: &'a [&'a RecipientId]) -> BoxFuture<'a, sqlx::Result<Vec<Option<Recipient>>>> {
     Box::pin(async move {
-        let hashes: Vec<&[u8]> = keys.iter().map(|k| k.key_hash.as_slice()).collect();
-        let (pinfls, tins): (Vec<Option<&str>>, Vec<Option<&str>>) =
-            keys.iter().map(|k| pinfl_and_tin(&k.recipient)).unzip();
-        // The two reads above, side by side: a row per submission, with what each found.
-        let rows: Vec<SubmitterRow> = sqlx::query_as(
-            "select x.n, a.id as agency_id, a.code, a.name as agency_name, k.key_hash,
-                    r.id as recipient_id, r.name as recipient_name, r.phone, r.email, r.digital_consent
-             from unnest($1::bytea[], $2::text[], $3::text[]) with ordinality as x(h, pinfl, tin, n)
-             left join lateral (select k.agency_id, k.key_hash from api_key k
-                                where k.key_hash = x.h and k.revoked_at is null offset 0) k on true
-             left join lateral (select a.id, a.code, a.name from agency a where a.id = k.agency_id offset 0) a on true
-             left join lateral (select id, name, phone, email, digital_consent from recipient where pinfl = x.pinfl
-                                union all
-                                select id, name, phone, email, digital_consent from recipient where tin = x.tin) r on true",
+        let pinfls: Vec<Option<&str>> =
+            ids.iter().map(|id| matches!(id, RecipientId::Pinfl(_)).then(|| id.value())).collect();
+        let tins: Vec<Option<&str>> =
+            ids.iter().map(|id| matches!(id, RecipientId::Tin(_)).then(|| id.value())).collect();
+        let found: Vec<Numbered<Recipient>> = sqlx::query_as(
+            "select x.n, r.id, r.name, r.phone, r.email, r.digital_consent
+             from unnest($1::text[], $2::text[]) with ordinality as x(pinfl, tin, n)
+             cross join lateral (select id, name, phone, email, digital_consent from recipient where pinfl = x.pinfl
+                                 union all
+                                 select id, name, phone, email, digital_consent from recipient where tin = x.tin) r",
         )
-        .bind(&hashes)
         .bind(&pinfls)
         .bind(&tins)
         .fetch_all(pool)
         .await?;
-        let found = rows.into_iter().map(|r| {
-            let owner = match (r.agency_id, r.code, r.agency_name, r.key_hash) {
-                (Some(id), Some(code), Some(name), Some(key_hash)) => Some(KeyOwner { id, code, name, key_hash }),
-                _ => None,
-            };
-            let recipient = match (r.recipient_id, r.recipient_name, r.digital_consent) {
-                (Some(id), Some(name), Some(digital_consent)) => {
-                    Some(Recipient { id, name, phone: r.phone, email: r.email, digital_consent })
-                }
-                _ => None,
-            };
-            (r.n, (owner, recipient))
-        });
-        Ok(in_order(keys.len(), found.collect()))
+        Ok(in_order(ids.len(), found.into_iter().map(|f| (f.n, f.row)).collect()))
     })
 }
 

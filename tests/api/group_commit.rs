@@ -316,44 +316,6 @@ async fn reads_made_together_share_a_statement_and_each_gets_its_own_answer() {
     assert_eq!(app.count("select count(*) from item").await, 2 * (1 + 24 - 4 - 4));
 }
 
-/// A valid submission reads its agency (by its key) and its recipient in one statement.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_submission_reads_its_agency_and_its_recipient_in_one_statement() {
-    let app = TestApp::spawn_with(Options {
-        roles: dalil::app::Roles { serve: true, ..dalil::app::Roles::NONE },
-        ..Default::default()
-    })
-    .await;
-    let key = app.agency("court-lc").await;
-    let (pinfl, _) = app.citizen("3120588010068").await;
-    let mut lock = app.pool.begin().await.unwrap();
-    sqlx::query("lock table api_key in access exclusive mode").execute(&mut *lock).await.unwrap();
-    let body = summons(pinfl.as_str());
-    let submitted = app.submit(&key, "lc-1", &body);
-    let watched = async {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            // The statement that waits for the key's table, whatever it is.
-            let waiting: Option<String> = sqlx::query_scalar(
-                "select query from pg_stat_activity
-                 where datname = current_database() and wait_event_type = 'Lock' limit 1",
-            )
-            .fetch_optional(&app.pool)
-            .await
-            .unwrap();
-            if let Some(query) = waiting {
-                lock.rollback().await.unwrap();
-                return query;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "the submission never waited for api_key");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    let (answer, query) = tokio::join!(submitted, watched);
-    assert_eq!(answer.status(), 202);
-    assert!(query.contains("api_key") && query.contains("from recipient"), "the read was: {query}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_that_fails_answers_every_request_that_shared_it_at_once() {
     // The API alone, with two connections that give up waiting for a free one after 300 ms.

@@ -69,9 +69,8 @@ async fn bad_credentials_are_refused_with_401() {
     assert_eq!(app.count("select count(*) from item").await, 0);
 }
 
-/// A submission reads its agency together with its recipient, or alone when the request is
-/// wrong otherwise; either way an unknown or revoked key is a 401 before anything else is
-/// said about the request, and the same faults with a valid key get their own 4xx.
+/// An unknown or revoked key is a 401 before anything else is said about a submission (its
+/// body is not even read), and the same faults with a valid key get their own 4xx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_key_is_refused_before_any_fault_of_the_submission() {
     let app = TestApp::spawn().await;
@@ -110,6 +109,14 @@ async fn an_unknown_key_is_refused_before_any_fault_of_the_submission() {
                 assert_eq!(problem["detail"], "the API key is unknown or revoked", "{what}");
             }
         }
+    }
+    // Nor does a retry of a finished request answer as the first time without a valid key.
+    for api_key in ["dalil_0000000000000000", revoked.as_str()] {
+        let retry = app.submit(api_key, "k5", &summons(pinfl.as_str())).await;
+        assert_eq!(retry.status(), 401);
+        let form = app.client.post(app.url("/v1/correspondence")).bearer_auth(api_key);
+        let form = form.header("Idempotency-Key", "k6").header("content-type", "text/plain").body("summons");
+        assert_eq!(form.send().await.unwrap().status(), 401);
     }
     assert_eq!(app.count("select count(*) from item").await, 1);
 }
