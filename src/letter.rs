@@ -252,6 +252,85 @@ pub fn render(input: &LetterInput) -> anyhow::Result<Vec<u8>> {
     doc.save_to_bytes().context("writing the PDF")
 }
 
+/// Arrays and dictionaries nested deeper than this make a PDF unreadable here. lopdf's parser
+/// recurses into them without a limit of its own, taking about a kilobyte of stack a level: a
+/// file of a few kilobytes with 2,000 nested `[` overflows a 2 MiB thread stack and aborts the
+/// whole process. Real documents nest a handful of levels.
+pub const MAX_PDF_NESTING: usize = 64;
+
+/// Parses a PDF that comes from outside (an agency's attachment), refusing first, without
+/// recursion, one whose arrays or dictionaries nest deeper than [`MAX_PDF_NESTING`].
+pub fn load_pdf(data: &[u8]) -> anyhow::Result<lopdf::Document> {
+    if !nesting_within(data, MAX_PDF_NESTING) {
+        anyhow::bail!("arrays or dictionaries nested more than {MAX_PDF_NESTING} deep");
+    }
+    lopdf::Document::load_mem(data).context("not a readable PDF")
+}
+
+/// Whether no array (`[`) or dictionary (`<<`) in `data` nests deeper than `max`, reading PDF
+/// syntax the way a parser would: comments, literal strings (with their escapes and balanced
+/// parentheses), hex strings and stream contents hold no structure and are skipped.
+fn nesting_within(data: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < data.len() {
+        match data[i] {
+            b'%' => {
+                while i < data.len() && data[i] != b'\n' && data[i] != b'\r' {
+                    i += 1;
+                }
+            }
+            b'(' => {
+                let mut open = 1;
+                i += 1;
+                while i < data.len() && open > 0 {
+                    match data[i] {
+                        b'\\' => i += 1,
+                        b'(' => open += 1,
+                        b')' => open -= 1,
+                        _ => {}
+                    }
+                    i += 1;
+                }
+                continue;
+            }
+            b'[' => depth += 1,
+            b']' => depth = depth.saturating_sub(1),
+            b'<' if data.get(i + 1) == Some(&b'<') => {
+                depth += 1;
+                i += 1;
+            }
+            b'>' if data.get(i + 1) == Some(&b'>') => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b'<' => {
+                while i < data.len() && data[i] != b'>' {
+                    i += 1;
+                }
+            }
+            // The keyword `stream` (not the end of `endstream`, not inside a name): its bytes
+            // run to `endstream`.
+            b's' if data[i..].starts_with(b"stream")
+                && (i == 0 || data[i - 1].is_ascii_whitespace() || data[i - 1] == b'>') =>
+            {
+                let body = i + b"stream".len();
+                match data[body..].windows(b"endstream".len()).position(|w| w == b"endstream") {
+                    Some(end) => i = body + end + b"endstream".len(),
+                    None => return true,
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if depth > max {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Appends the pages of PDF attachments after the letter's own, in order. An attachment that is
 /// not a readable PDF is an error naming it: a letter is never printed without what it encloses.
 pub fn append_pdfs(letter: Vec<u8>, attachments: &[(String, Vec<u8>)]) -> anyhow::Result<Vec<u8>> {
@@ -261,7 +340,7 @@ pub fn append_pdfs(letter: Vec<u8>, attachments: &[(String, Vec<u8>)]) -> anyhow
     }
     let mut docs = vec![Document::load_mem(&letter).context("reading the rendered letter")?];
     for (name, bytes) in attachments {
-        docs.push(Document::load_mem(bytes).with_context(|| format!("attachment {name} is not a readable PDF"))?);
+        docs.push(load_pdf(bytes).with_context(|| format!("attachment {name} is not a readable PDF"))?);
     }
     let mut max_id = 1;
     let mut pages: Vec<(ObjectId, Object)> = Vec::new();
@@ -321,6 +400,46 @@ pub fn append_pdfs(letter: Vec<u8>, attachments: &[(String, Vec<u8>)]) -> anyhow
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A readable PDF whose page tree holds an array nested `depth` deep.
+    fn nested(depth: usize) -> Vec<u8> {
+        let head = "%PDF-1.4\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\n";
+        let body = format!(
+            "2 0 obj\n<< /Type /Pages /Kids [] /Count 0 /X {}{} >>\nendobj\n",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let xref = head.len() + body.len();
+        let tail = format!(
+            "xref\n0 3\n0000000000 65535 f \n{:010} 00000 n \n{:010} 00000 n \ntrailer\n<< /Size 3 /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            9,
+            head.len()
+        );
+        format!("{head}{body}{tail}").into_bytes()
+    }
+
+    #[test]
+    fn pdfs_nested_too_deep_are_refused_before_the_parser_recurses_into_them() {
+        // On a thread with tokio's default stack, where lopdf alone aborts the process at
+        // 2,000 levels.
+        let outcome = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                assert!(load_pdf(&nested(MAX_PDF_NESTING - 2)).is_ok());
+                let deep = load_pdf(&nested(10_000)).unwrap_err();
+                assert!(deep.to_string().contains("nested more than 64 deep"), "{deep}");
+            })
+            .unwrap()
+            .join();
+        assert!(outcome.is_ok());
+        // Counted as a parser reads them: `<<` too; not in strings, comments, hex strings or streams.
+        assert!(nesting_within(b"[[<<[]>>]]", 4));
+        assert!(!nesting_within(b"[[<<[]>>]]", 3));
+        assert!(nesting_within(b"[(([[[\\)[[[) % [[[[\n <5b5b5b> 1 0 obj<</Length 3>>stream\n[[[\nendstream ]", 1));
+        assert!(!nesting_within(b"[(\\)) [ ]", 1));
+        // A document as they come.
+        assert!(load_pdf(include_bytes!("../docs/samples/enclosure.pdf")).is_ok());
+    }
 
     #[test]
     fn the_content_html_becomes_blocks_of_plain_text() {

@@ -152,7 +152,7 @@ fn prepare(req: SubmitRequest) -> Result<Prepared, ApiError> {
             return Err(ApiError::TooLarge(format!("attachments add up to more than {MAX_ATTACHMENT_BYTES} bytes")));
         }
         // A PDF may be printed and enclosed with a paper letter: it must be one.
-        if ct == "application/pdf" && lopdf::Document::load_mem(&data).is_err() {
+        if ct == "application/pdf" && crate::letter::load_pdf(&data).is_err() {
             return Err(ApiError::invalid(field("content"), "not a readable PDF"));
         }
         let digest = AttachmentDigest {

@@ -101,6 +101,14 @@ fn cases(stranger: &str) -> Vec<Case> {
             422,
             Some("attachments[0].content_type"),
         ),
+        (
+            // Readable, but for arrays nested deeper than lopdf's recursion survives on a
+            // runtime thread: refused, and the server lives on.
+            "attachment a PDF nested 10,000 deep",
+            Box::new(|b| b["attachments"][0]["content"] = base64_of(&deeply_nested_pdf()).into()),
+            422,
+            Some("attachments[0].content"),
+        ),
         ("unknown top-level field", Box::new(|b| b["priority"] = "high".into()), 422, None),
         (
             "attachments over 10 MiB",
@@ -116,6 +124,31 @@ fn cases(stranger: &str) -> Vec<Case> {
         ),
         ("body not an object", Box::new(|b| *b = json!([1, 2])), 422, None),
     ]
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
+}
+
+/// A PDF that parses, its catalogue's page tree holding 10,000 arrays one inside the next.
+fn deeply_nested_pdf() -> Vec<u8> {
+    let objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        format!("<< /Type /Pages /Kids [] /Count 0 /Deep {}{} >>", "[".repeat(10_000), "]".repeat(10_000)),
+    ];
+    let mut pdf = String::from("%PDF-1.7\n");
+    let mut offsets = Vec::new();
+    for (n, object) in objects.iter().enumerate() {
+        offsets.push(pdf.len());
+        pdf += &format!("{} 0 obj\n{object}\nendobj\n", n + 1);
+    }
+    let xref = pdf.len();
+    pdf += "xref\n0 3\n0000000000 65535 f \n";
+    for offset in offsets {
+        pdf += &format!("{offset:010} 00000 n \n");
+    }
+    pdf += &format!("trailer\n<< /Size 3 /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n");
+    pdf.into_bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
