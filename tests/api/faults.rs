@@ -190,6 +190,47 @@ async fn the_evidence_table_refuses_update_delete_and_truncate() {
     assert_eq!(app.count("select count(*) from log_entry").await, 2);
 }
 
+/// The item's own rows (steps, attempts, messages, evidence, ...) hold its id, its agency's and
+/// its recipient's without foreign keys (migration 11): what keeps them from pointing at nothing
+/// is that those parents are never removed and never change their ids, whoever connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_items_parents_refuse_delete_truncate_and_a_new_id() {
+    let app = TestApp::spawn().await;
+    let key = app.agency("court-parents").await;
+    let (pinfl, _) = app.citizen("3120588010026").await;
+    let v: Value = app.submit(&key, "p-1", &summons(pinfl.as_str())).await.json().await.unwrap();
+    let item = v["id"].as_str().unwrap().to_string();
+    app.wait_for_status(&key, &item, &["consigned"]).await;
+    let tables = ["agency", "recipient", "item", "step", "attempt"];
+    let before: Vec<i64> = {
+        let mut n = Vec::new();
+        for t in tables {
+            n.push(app.count(&format!("select count(*) from {t}")).await);
+        }
+        n
+    };
+    for t in tables {
+        for sql in [
+            format!("delete from {t}"),
+            format!("truncate {t} cascade"),
+            format!("update {t} set id = gen_random_uuid()"),
+        ] {
+            let err = sqlx::query(&sql).execute(&app.pool).await.unwrap_err();
+            assert!(err.to_string().contains("never removed"), "{sql}: {err}");
+        }
+    }
+    for (t, n) in tables.iter().zip(before) {
+        assert_eq!(app.count(&format!("select count(*) from {t}")).await, n, "{t}");
+    }
+    // Updates that leave the id alone still go through (the pipeline's own, above, did too).
+    let updated = sqlx::query("update item set updated_at = updated_at where id = $1::uuid")
+        .bind(&item)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(updated.rows_affected(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_the_server_dropped_is_replaced_before_it_is_used() {
     let app = TestApp::spawn().await;

@@ -15,17 +15,12 @@ fn one_at_a_time() -> Options {
 }
 
 /// Submits `bodies` under `keys` so that they arrive together: a first submission takes the
-/// intake's one slot and waits on a lock of the agency row (its item's foreign key), the others
-/// queue behind it meanwhile, and the lock goes 1.5 s later. Returns their answers.
-async fn submit_together(
-    app: &TestApp,
-    api_key: &str,
-    agency: &str,
-    keys: &[String],
-    bodies: &[Value],
-) -> Vec<Response> {
+/// intake's one slot and waits on a lock of the idempotency keys' table (nothing but a
+/// submission writes it), the others queue behind it meanwhile, and the lock goes 1.5 s later.
+/// Returns their answers.
+async fn submit_together(app: &TestApp, api_key: &str, keys: &[String], bodies: &[Value]) -> Vec<Response> {
     let mut lock = app.pool.begin().await.unwrap();
-    sqlx::query("select 1 from agency where code = $1 for update").bind(agency).execute(&mut *lock).await.unwrap();
+    sqlx::query("lock table idempotency in share mode").execute(&mut *lock).await.unwrap();
     let mut first = bodies[0].clone();
     first["reference"] = "the first".into();
     let blocked = app.submit(api_key, "the-first", &first);
@@ -72,7 +67,7 @@ async fn concurrent_submissions_share_transactions_and_keep_their_own_rows() {
         })
         .collect();
     let keys: Vec<String> = (0..n).map(|i| format!("gc-{i}")).collect();
-    let answers = submit_together(&app, &key, "court-gc", &keys, &bodies).await;
+    let answers = submit_together(&app, &key, &keys, &bodies).await;
     // The first submission in one transaction, the forty that waited behind it in one more
     // (or a few, if some came late).
     let transactions = key_transactions(&app).await;
@@ -138,7 +133,7 @@ async fn a_submission_that_fails_to_write_fails_alone() {
         })
         .collect();
     let keys: Vec<String> = (0..n).map(|i| format!("gf-{i}")).collect();
-    let answers = submit_together(&app, &key, "court-gf", &keys, &bodies).await;
+    let answers = submit_together(&app, &key, &keys, &bodies).await;
     for (i, a) in answers.into_iter().enumerate() {
         if i == poison {
             assert_eq!(a.status(), 500);
