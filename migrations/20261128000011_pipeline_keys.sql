@@ -6,9 +6,9 @@
 -- KEY SHARE lock written onto the parent row, WAL-logged) for every child row inserted. An item
 -- took about 30 of them: its steps, attempts, notice, inbox entry, SMS message, timer, four
 -- evidence records and three callback events, each pointing at the item and most at its agency
--- or recipient too. `dalil bench` on 2026-11-29, two alternated pairs of 20,000 items at 64
--- clients: machine CPU per item 2.14-2.30 ms with the keys, 1.77-1.81 ms without, and 854-928
--- against 1,094-1,129 accepted items/s (docs/performance.md).
+-- or recipient too. `dalil bench` on 2026-11-29, alternated runs of 20,000 items at 64
+-- clients: machine CPU per item 1.86-2.30 ms with the keys (seven runs), 1.65-1.98 ms without
+-- (five), and 854-1,061 against 1,002-1,197 accepted items/s (docs/performance.md).
 --
 -- What the keys guaranteed, and what guarantees it now:
 -- * A parent is not deleted while rows point at it: agency, recipient, item, step and attempt
