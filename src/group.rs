@@ -14,8 +14,8 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::db::Kept;
 use futures_util::future::BoxFuture;
-use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// What a group writes.
@@ -133,13 +133,13 @@ where
 /// Writes a batch with `write`, which gives one result per job in order; if the batch fails,
 /// writes each job alone, so that one job's fault is its own request's error and no other's.
 pub async fn together_or_alone<J, T>(
-    pool: &PgPool,
+    conns: &Kept,
     mut batch: Vec<Pending<J, sqlx::Result<T>>>,
     what: &str,
-    write: impl for<'a> Fn(&'a PgPool, &'a [&'a J]) -> BoxFuture<'a, sqlx::Result<Vec<T>>>,
+    write: impl for<'a> Fn(&'a Kept, &'a [&'a J]) -> BoxFuture<'a, sqlx::Result<Vec<T>>>,
 ) {
     let jobs: Vec<&J> = batch.iter().map(|p| &p.job).collect();
-    let result = write(pool, &jobs).await;
+    let result = write(conns, &jobs).await;
     drop(jobs);
     match result {
         Ok(results) if results.len() != batch.len() => {
@@ -163,7 +163,7 @@ pub async fn together_or_alone<J, T>(
         Err(e) => {
             tracing::warn!(jobs = batch.len(), error = %e, "a batch of {what} failed; writing each alone");
             for p in batch {
-                let r = write(pool, &[&p.job]).await.and_then(|mut r| r.pop().ok_or(sqlx::Error::RowNotFound));
+                let r = write(conns, &[&p.job]).await.and_then(|mut r| r.pop().ok_or(sqlx::Error::RowNotFound));
                 p.answer(r);
             }
         }

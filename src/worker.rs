@@ -19,7 +19,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel as AmqpChannel};
 use secrecy::ExposeSecret;
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::channels::{self, Channel, ChannelError, Job, Sent};
 use crate::config::Settings;
+use crate::db::Kept;
 use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence};
 use crate::queue::{self, Envelope, Topology, RETRY_EXCHANGE, RETRY_HEADER};
 
@@ -45,13 +46,15 @@ const RETRIES_HEADER: &str = "x-dalil-retries";
 /// Processes one message body for `channel`. Safe to call any number of times for the same
 /// message: the attempt's status and the channel's own unique constraint make it idempotent.
 pub async fn process(pool: &PgPool, channel: &dyn Channel, body: &[u8]) -> Outcome {
-    process_batch(pool, channel, &[body]).await.pop().expect("one outcome per message")
+    process_batch(&Kept::new(pool.clone(), 0), channel, &[body]).await.pop().expect("one outcome per message")
 }
 
 /// Processes several message bodies of `channel`'s queue together: their jobs are loaded in
 /// one query, sent concurrently, and recorded in one transaction (see [`record_delivered`]).
-/// One outcome per body, in order; each is what [`process`] would give for it alone.
-pub async fn process_batch(pool: &PgPool, channel: &dyn Channel, bodies: &[&[u8]]) -> Vec<Outcome> {
+/// One outcome per body, in order; each is what [`process`] would give for it alone. The
+/// connections come from `conns`, which keeps them between batches.
+pub async fn process_batch(conns: &Kept, channel: &dyn Channel, bodies: &[&[u8]]) -> Vec<Outcome> {
+    let pool = conns.pool();
     let mut outcomes: Vec<Option<Outcome>> = vec![None; bodies.len()];
     let mut wanted: Vec<(usize, Uuid, Uuid)> = Vec::with_capacity(bodies.len());
     for (i, body) in bodies.iter().enumerate() {
@@ -71,7 +74,7 @@ pub async fn process_batch(pool: &PgPool, channel: &dyn Channel, bodies: &[&[u8]
         }
     }
     let ids: Vec<Uuid> = wanted.iter().map(|w| w.1).collect();
-    let mut jobs = match load_jobs(pool, &ids).await {
+    let mut jobs = match load_jobs(conns, &ids).await {
         Ok(jobs) => jobs,
         Err(e) => {
             for (i, _, _) in &wanted {
@@ -114,7 +117,7 @@ pub async fn process_batch(pool: &PgPool, channel: &dyn Channel, bodies: &[&[u8]
     }
     if !delivered.is_empty() {
         let all: Vec<(&Job, &Sent)> = delivered.iter().map(|(_, j, s)| (j, s)).collect();
-        match record_delivered(pool, channel, &all).await {
+        match record_delivered(conns, channel, &all).await {
             Ok(()) => {
                 for (i, _, _) in &delivered {
                     outcomes[*i] = Some(Outcome::Done);
@@ -125,7 +128,7 @@ pub async fn process_batch(pool: &PgPool, channel: &dyn Channel, bodies: &[&[u8]
                 // is not sent again).
                 tracing::warn!(error = %e, jobs = delivered.len(), "worker: batch not recorded, recording one by one");
                 for (i, job, sent) in &delivered {
-                    outcomes[*i] = Some(match record_delivered(pool, channel, &[(job, sent)]).await {
+                    outcomes[*i] = Some(match record_delivered(conns, channel, &[(job, sent)]).await {
                         Ok(()) => Outcome::Done,
                         Err(ChannelError::Transient(why)) => Outcome::Retry(why),
                         Err(ChannelError::Permanent(why)) => Outcome::Dead(why),
@@ -198,8 +201,10 @@ const JOB_QUERY: &str = "select j.* from unnest($1::uuid[]) as x(id) cross join 
      where a.id = x.id offset 0) j";
 
 /// The jobs of these attempts and their statuses, in one query.
-async fn load_jobs(pool: &PgPool, attempt_ids: &[Uuid]) -> sqlx::Result<HashMap<Uuid, (Job, String)>> {
-    let rows: Vec<JobRow> = sqlx::query_as(JOB_QUERY).bind(attempt_ids).fetch_all(pool).await?;
+async fn load_jobs(conns: &Kept, attempt_ids: &[Uuid]) -> sqlx::Result<HashMap<Uuid, (Job, String)>> {
+    let mut conn = conns.acquire().await?;
+    let rows: Vec<JobRow> = sqlx::query_as(JOB_QUERY).bind(attempt_ids).fetch_all(&mut *conn).await?;
+    conn.keep();
     Ok(rows.into_iter().map(|r| (r.attempt_id, r.job())).collect())
 }
 
@@ -212,8 +217,9 @@ async fn load_job(conn: &mut sqlx::PgConnection, attempt_id: Uuid) -> Result<Opt
 /// whatever their number: the channel's rows, the attempts and steps done, the items
 /// consigned, their deemed-service timers and the evidence. A job whose attempt was finished
 /// meanwhile (a redelivered copy won) is left as it is.
-async fn record_delivered(pool: &PgPool, channel: &dyn Channel, batch: &[(&Job, &Sent)]) -> Result<(), ChannelError> {
-    let mut tx = pool.begin().await?;
+async fn record_delivered(conns: &Kept, channel: &dyn Channel, batch: &[(&Job, &Sent)]) -> Result<(), ChannelError> {
+    let mut conn = conns.acquire().await?;
+    let mut tx = conn.begin().await?;
     // Lock order everywhere: item, step, attempt (a recall, an escalation and a recorded failure
     // take them in that order; two copies of one message racing each other finish once, on the
     // attempt's lock). Sorted, so batches never deadlock. A delivery that consigns the item
@@ -314,6 +320,7 @@ async fn record_delivered(pool: &PgPool, channel: &dyn Channel, batch: &[(&Job, 
     }
     evidence::append_many(&mut tx, &records).await?;
     tx.commit().await?;
+    conn.keep();
     for ((job, sent), fresh) in todo.iter().zip(&fresh) {
         tracing::debug!(item_id = %job.item.item_id, attempt_id = %job.attempt_id, event = ?sent.event, fresh, "delivered");
     }
@@ -405,6 +412,8 @@ trait Handler: Send + Sync {
 
 struct ChannelHandler {
     pool: PgPool,
+    /// The connections its batches keep between them, one per batch in flight.
+    conns: Kept,
     channel: Box<dyn Channel>,
 }
 
@@ -428,7 +437,7 @@ impl Handler for ChannelHandler {
     fn process_batch<'a>(&'a self, messages: &'a [(&'a [u8], u32)]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
             let bodies: Vec<&[u8]> = messages.iter().map(|(b, _)| *b).collect();
-            process_batch(&self.pool, self.channel.as_ref(), &bodies).await
+            process_batch(&self.conns, self.channel.as_ref(), &bodies).await
         })
     }
 }
@@ -444,6 +453,14 @@ impl Handler for crate::callbacks::Caller {
 
     fn give_up<'a>(&'a self, body: &'a [u8], why: &'a str) -> BoxFuture<'a, Outcome> {
         Box::pin(crate::callbacks::Caller::give_up(self, body, why))
+    }
+}
+
+/// How many batches of a queue a worker handles at once.
+fn batches_at_once(settings: &Settings, queue: &str) -> usize {
+    match queue {
+        "inbox" => settings.worker.inbox_concurrency,
+        _ => settings.worker.concurrency,
     }
 }
 
@@ -467,7 +484,11 @@ pub async fn run(
             let timeout = Duration::from_millis(settings.callbacks.timeout_ms);
             Arc::new(crate::callbacks::Caller::new(pool.clone(), timeout)?)
         } else {
-            Arc::new(ChannelHandler { pool: pool.clone(), channel: channels::build(&name, &settings, &pool)? })
+            Arc::new(ChannelHandler {
+                pool: pool.clone(),
+                conns: Kept::new(pool.clone(), batches_at_once(&settings, &name)),
+                channel: channels::build(&name, &settings, &pool)?,
+            })
         };
         let queue = topology.channel_queue(&name).with_context(|| format!("no queue for {name} in the topology"))?;
         let (settings, topology, cancel) = (settings.clone(), topology.clone(), cancel.clone());
@@ -525,10 +546,7 @@ async fn consume(
         .await?;
     tracing::info!(queue = queue_name, "worker: consuming");
     *connected = true;
-    let concurrency = match handler.name() {
-        "inbox" => settings.worker.inbox_concurrency,
-        _ => settings.worker.concurrency,
-    };
+    let concurrency = batches_at_once(settings, handler.name());
     let limit = Arc::new(Semaphore::new(concurrency));
     let acks: Arc<Mutex<Acks>> = Arc::default();
     let ladder = topology.retry_ladder();

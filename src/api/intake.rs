@@ -18,6 +18,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::correspondence::{AttachmentDigest, Notice};
+use crate::db::Kept;
 use crate::evidence::{self, Appended, ItemContext, NewEvidence};
 use crate::group::{self, Group, Limits, Pending};
 use crate::queue::{Envelope, DELIVERY_EXCHANGE};
@@ -93,7 +94,8 @@ pub struct Intake(Group<Row, Outcome>);
 impl Intake {
     /// Starts the intake's task on the current runtime. It ends when the last handle is dropped.
     pub fn start(pool: PgPool, limits: Limits) -> Intake {
-        Intake(Group::start(limits, move |batch| write_batch(pool.clone(), batch)))
+        let conns = Kept::new(pool, limits.concurrency);
+        Intake(Group::start(limits, move |batch| write_batch(conns.clone(), batch)))
     }
 
     /// Writes one item, with whatever else is waiting, and returns when it is committed.
@@ -102,14 +104,14 @@ impl Intake {
     }
 }
 
-async fn write_batch(pool: PgPool, mut batch: Vec<Pending<Row, Outcome>>) {
+async fn write_batch(conns: Kept, mut batch: Vec<Pending<Row, Outcome>>) {
     // Claims in one order, so two batches that share keys wait for each other, not deadlock.
     batch.sort_by(|a, b| (a.job.item.agency_id, &a.job.key).cmp(&(b.job.item.agency_id, &b.job.key)));
-    group::together_or_alone(&pool, batch, "submissions", |pool, rows| Box::pin(write(pool, rows))).await
+    group::together_or_alone(&conns, batch, "submissions", |conns, rows| Box::pin(write(conns, rows))).await
 }
 
 /// Writes rows in one statement; for each, its acceptance record if its key was claimed.
-async fn write(pool: &PgPool, rows: &[&Row]) -> sqlx::Result<Vec<Option<Appended>>> {
+async fn write(conns: &Kept, rows: &[&Row]) -> sqlx::Result<Vec<Option<Appended>>> {
     let batch: Vec<(&ItemContext, Vec<NewEvidence>)> =
         rows.iter().map(|r| (&r.item, vec![r.acceptance.clone()])).collect();
     let mut evidence = evidence::prepare(&batch);
@@ -162,7 +164,10 @@ async fn write(pool: &PgPool, rows: &[&Row]) -> sqlx::Result<Vec<Option<Appended
         .bind(&cols.at_channel)
         .bind(&cols.at_envelope)
         .bind(DELIVERY_EXCHANGE);
-    let claimed: Vec<Uuid> = evidence.bind(q).fetch_all(pool).await?.iter().map(|r| sqlx::Row::get(r, 0)).collect();
+    let mut conn = conns.acquire().await?;
+    let claimed: Vec<Uuid> =
+        evidence.bind(q).fetch_all(&mut *conn).await?.iter().map(|r| sqlx::Row::get(r, 0)).collect();
+    conn.keep();
     let appended = std::mem::take(&mut evidence.appended);
     Ok(rows.iter().zip(appended).map(|(row, a)| claimed.contains(&row.item.item_id).then_some(a)).collect())
 }

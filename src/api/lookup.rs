@@ -12,9 +12,10 @@
 //! key is refused and a withdrawn consent counts from the next request on, as before.
 
 use futures_util::future::BoxFuture;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::db::Kept;
 use crate::domain::RecipientId;
 use crate::group::{Group, Job, Limits, Pending};
 
@@ -46,7 +47,7 @@ impl Job for RecipientId {}
 type Found<T> = sqlx::Result<Option<T>>;
 
 /// A statement that reads a batch's keys: what it found for each, in the keys' order.
-type Read<J, T> = for<'a> fn(&'a PgPool, &'a [&'a J]) -> BoxFuture<'a, sqlx::Result<Vec<Option<T>>>>;
+type Read<J, T> = for<'a> fn(&'a mut PgConnection, &'a [&'a J]) -> BoxFuture<'a, sqlx::Result<Vec<Option<T>>>>;
 
 /// The handle requests read through; cheap to clone.
 #[derive(Clone)]
@@ -58,10 +59,10 @@ pub struct Lookups {
 impl Lookups {
     /// Starts the lookups' tasks on the current runtime; they end when the last handle is dropped.
     pub fn start(pool: PgPool, limits: Limits) -> Lookups {
-        let p = pool.clone();
+        let (a, r) = (Kept::new(pool.clone(), limits.concurrency), Kept::new(pool, limits.concurrency));
         Lookups {
-            agencies: Group::start(limits, move |batch| read_batch(p.clone(), batch, "API keys", agencies)),
-            recipients: Group::start(limits, move |batch| read_batch(pool.clone(), batch, "recipients", recipients)),
+            agencies: Group::start(limits, move |batch| read_batch(a.clone(), batch, "API keys", agencies)),
+            recipients: Group::start(limits, move |batch| read_batch(r.clone(), batch, "recipients", recipients)),
         }
     }
 
@@ -81,13 +82,22 @@ impl Lookups {
 /// request gets the error at once: retried one by one, as a failed write batch is, the last
 /// of 64 would wait 64 pool timeouts for the same answer.
 async fn read_batch<J: Job, T: Send + 'static>(
-    pool: PgPool,
+    conns: Kept,
     batch: Vec<Pending<J, Found<T>>>,
     what: &str,
     read: Read<J, T>,
 ) {
     let keys: Vec<&J> = batch.iter().map(|p| &p.job).collect();
-    let result = read(&pool, &keys).await;
+    let result = match conns.acquire().await {
+        Ok(mut conn) => {
+            let result = read(&mut conn, &keys).await;
+            if result.is_ok() {
+                conn.keep();
+            }
+            result
+        }
+        Err(e) => Err(e),
+    };
     drop(keys);
     match result {
         // One answer per key, in the keys' order ([`in_order`]).
@@ -139,7 +149,10 @@ struct Numbered<T> {
 // so as the table grows to millions of recipients. One exception: a table analyzed while it
 // held about a page may be scanned per key, until its next ANALYZE replans the statement.
 
-fn agencies<'a>(pool: &'a PgPool, keys: &'a [&'a KeyHash]) -> BoxFuture<'a, sqlx::Result<Vec<Option<KeyOwner>>>> {
+fn agencies<'a>(
+    conn: &'a mut PgConnection,
+    keys: &'a [&'a KeyHash],
+) -> BoxFuture<'a, sqlx::Result<Vec<Option<KeyOwner>>>> {
     Box::pin(async move {
         let hashes: Vec<&[u8]> = keys.iter().map(|k| k.0.as_slice()).collect();
         let found: Vec<Numbered<KeyOwner>> = sqlx::query_as(
@@ -150,13 +163,16 @@ fn agencies<'a>(pool: &'a PgPool, keys: &'a [&'a KeyHash]) -> BoxFuture<'a, sqlx
              join agency a on a.id = k.agency_id",
         )
         .bind(&hashes)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?;
         Ok(in_order(keys.len(), found.into_iter().map(|f| (f.n, f.row)).collect()))
     })
 }
 
-fn recipients<'a>(pool: &'a PgPool, ids: &'a [&'a RecipientId]) -> BoxFuture<'a, sqlx::Result<Vec<Option<Recipient>>>> {
+fn recipients<'a>(
+    conn: &'a mut PgConnection,
+    ids: &'a [&'a RecipientId],
+) -> BoxFuture<'a, sqlx::Result<Vec<Option<Recipient>>>> {
     Box::pin(async move {
         let pinfls: Vec<Option<&str>> =
             ids.iter().map(|id| matches!(id, RecipientId::Pinfl(_)).then(|| id.value())).collect();
@@ -171,7 +187,7 @@ fn recipients<'a>(pool: &'a PgPool, ids: &'a [&'a RecipientId]) -> BoxFuture<'a,
         )
         .bind(&pinfls)
         .bind(&tins)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?;
         Ok(in_order(ids.len(), found.into_iter().map(|f| (f.n, f.row)).collect()))
     })

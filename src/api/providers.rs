@@ -7,11 +7,12 @@ use axum::http::HeaderMap;
 use axum::Json;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
-use sqlx::{PgPool, Row};
+use sqlx::{Connection, PgPool, Row};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use super::{ApiError, ApiResult, AppState, JsonBody};
+use crate::db::Kept;
 use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence};
 use crate::group::{self, Group, Pending};
 
@@ -58,7 +59,8 @@ pub struct Reports(Group<Report, Outcome>);
 
 impl Reports {
     pub fn start(pool: PgPool, limits: crate::group::Limits) -> Reports {
-        Reports(Group::start(limits, move |batch| take_batch(pool.clone(), batch)))
+        let conns = Kept::new(pool, limits.concurrency);
+        Reports(Group::start(limits, move |batch| take_batch(conns.clone(), batch)))
     }
 
     async fn take(&self, r: Report) -> Outcome {
@@ -66,7 +68,7 @@ impl Reports {
     }
 }
 
-async fn take_batch(pool: PgPool, mut batch: Vec<Pending<Report, Outcome>>) {
+async fn take_batch(conns: Kept, mut batch: Vec<Pending<Report, Outcome>>) {
     // Rows locked in one order, so two batches with the same messages wait, not deadlock.
     batch.sort_by(|a, b| {
         (&a.job.provider, &a.job.report.id, &a.job.report.status).cmp(&(
@@ -75,7 +77,7 @@ async fn take_batch(pool: PgPool, mut batch: Vec<Pending<Report, Outcome>>) {
             &b.job.report.status,
         ))
     });
-    group::together_or_alone(&pool, batch, "SMS reports", |pool, reports| Box::pin(take_all(pool, reports))).await
+    group::together_or_alone(&conns, batch, "SMS reports", |conns, reports| Box::pin(take_all(conns, reports))).await
 }
 
 /// A report for a message still awaiting one, ready to be written.
@@ -89,7 +91,8 @@ struct Settlement<'a> {
 /// Takes reports: looks their messages up in one query, then settles them in one statement,
 /// or a few when two are about one item (each statement settles one report per item, so what
 /// it settles is what its evidence says).
-async fn take_all(pool: &PgPool, reports: &[&Report]) -> sqlx::Result<Vec<Taken>> {
+async fn take_all(conns: &Kept, reports: &[&Report]) -> sqlx::Result<Vec<Taken>> {
+    let mut conn = conns.acquire().await?;
     // Each report is its own probe of the provider's unique index (a lateral subquery per
     // report, kept apart by `offset 0`), so the plan cached for this prepared statement stays
     // right as sms_message grows (unless a table was analyzed while it held about a page: then
@@ -107,7 +110,7 @@ async fn take_all(pool: &PgPool, reports: &[&Report]) -> sqlx::Result<Vec<Taken>
     )
     .bind(reports.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
     .bind(reports.iter().map(|r| r.report.id.as_str()).collect::<Vec<_>>())
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let mut taken = vec![Taken::Unknown; reports.len()];
     let mut waiting: Vec<(usize, Settlement)> = Vec::new();
@@ -146,17 +149,18 @@ async fn take_all(pool: &PgPool, reports: &[&Report]) -> sqlx::Result<Vec<Taken>
     match &rounds[..] {
         [] => {}
         // One statement is atomic by itself: no BEGIN and COMMIT around it (most batches).
-        [round] => settle_round(&mut *pool.acquire().await?, round, &mut taken).await?,
+        [round] => settle_round(&mut conn, round, &mut taken).await?,
         // All rounds in one transaction: if one fails, none is kept, and each report is then
         // taken again alone with the right answer.
         _ => {
-            let mut tx = pool.begin().await?;
+            let mut tx = conn.begin().await?;
             for round in &rounds {
                 settle_round(&mut tx, round, &mut taken).await?;
             }
             tx.commit().await?;
         }
     }
+    conn.keep();
     Ok(taken)
 }
 

@@ -249,6 +249,68 @@ async fn a_pooled_connection_the_server_dropped_is_replaced_before_it_is_used() 
     assert_ne!(again, pid);
 }
 
+/// Connections a writer keeps between batches (`db::Kept`) stay out of the pool while they are
+/// used, go back to it once unused for a second or beyond the number kept, and one given up
+/// mid-transaction goes back the pool's way, its transaction rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_kept_between_batches_are_reused_then_given_back() {
+    async fn pid(conn: &mut sqlx::PgConnection) -> i32 {
+        sqlx::query_scalar("select pg_backend_pid()").fetch_one(conn).await.unwrap()
+    }
+    async fn idle_becomes(pool: &sqlx::PgPool, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while pool.num_idle() != n {
+            assert!(tokio::time::Instant::now() < deadline, "{} idle in the pool, not {n}", pool.num_idle());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let app = TestApp::spawn().await;
+    let mut settings = app.settings.clone();
+    settings.database.max_connections = 3;
+    let pool = dalil::db::connect(&settings).await.unwrap();
+    let kept = dalil::db::Kept::new(pool.clone(), 2);
+    let (mut a, mut b) = (kept.acquire().await.unwrap(), kept.acquire().await.unwrap());
+    let (pa, pb) = (pid(&mut a).await, pid(&mut b).await);
+    a.keep();
+    b.keep();
+    // Kept, not given back: none is idle in the pool, now or a moment later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pool.num_idle(), 0);
+    // Taken again, the one used last first.
+    let mut again = kept.acquire().await.unwrap();
+    assert_eq!(pid(&mut again).await, pb);
+    let mut other = kept.acquire().await.unwrap();
+    assert_eq!(pid(&mut other).await, pa);
+    // A third, from the pool; kept with the two, one more than are kept: it goes back.
+    let third = kept.acquire().await.unwrap();
+    again.keep();
+    other.keep();
+    third.keep();
+    idle_becomes(&pool, 1).await;
+    // Unused for over a second, the kept ones go back too.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    idle_becomes(&pool, 3).await;
+
+    // Given up in the middle of a transaction (dropped, not kept): back by the pool's way, which
+    // ends the transaction before anyone else gets the connection.
+    settings.database.max_connections = 1;
+    let pool = dalil::db::connect(&settings).await.unwrap();
+    let kept = dalil::db::Kept::new(pool.clone(), 1);
+    let mut conn = kept.acquire().await.unwrap();
+    let first = pid(&mut conn).await;
+    {
+        use sqlx::Connection;
+        let mut tx = conn.begin().await.unwrap();
+        let _: i64 = sqlx::query_scalar("select pg_current_xact_id()::text::bigint").fetch_one(&mut *tx).await.unwrap();
+    }
+    drop(conn);
+    let mut next = kept.acquire().await.unwrap();
+    assert_eq!(pid(&mut next).await, first);
+    let in_transaction: bool =
+        sqlx::query_scalar("select pg_current_xact_id_if_assigned() is not null").fetch_one(&mut *next).await.unwrap();
+    assert!(!in_transaction);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pools_sessions_carry_the_configured_postgresql_settings() {
     let app = TestApp::spawn().await;
