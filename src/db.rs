@@ -48,36 +48,65 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
 /// backend and of a runtime thread for every statement or transaction taken from the pool,
 /// 4-6 % of the machine's CPU per item in `dalil bench` (docs/performance.md). A writer whose
 /// work ended cleanly (its statement answered, its transaction committed) keeps the connection
-/// here for its next batch instead ([`KeptConn::keep`]). A connection kept unused for
-/// [`PING_AFTER_IDLE`] goes back to the pool, as does one whose work failed or was abandoned
-/// (dropped without `keep`): those take the pool's way back, round trip and all, so a broken
-/// or half-used connection is found there as before. At most `most` are kept at once: the
-/// writer's batches in flight, which would hold as many connections anyway.
+/// here for its next batch instead ([`KeptConn::keep`]), at most `most` at once: the writer's
+/// batches in flight, which would hold as many connections anyway.
+///
+/// What goes back to the pool, the pool's way (ping and all, so a broken or half-used
+/// connection is found there as before): a connection whose work failed or was abandoned
+/// (dropped without `keep`); one kept while a transaction is open or a statement unsent; one
+/// kept unused for [`PING_AFTER_IDLE`]; every kept one whenever the pool has no connection to
+/// spare (all of them taken, as many as it may open), so other users of the pool wait at most
+/// [`KEPT_CHECK`] for one; and one first taken from the pool [`KEPT_LIFE`] ago, so the pool's
+/// own lifetime rules still apply to it.
 #[derive(Clone)]
 pub struct Kept(Arc<KeptInner>);
+
+/// How often kept connections are looked at while there are any.
+const KEPT_CHECK: Duration = Duration::from_millis(50);
+/// How long a connection may go from batch to batch before it goes back to the pool once.
+const KEPT_LIFE: Duration = Duration::from_secs(600);
 
 struct KeptInner {
     pool: PgPool,
     most: usize,
     /// Connections kept, the most recently used last.
-    idle: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
+    idle: Mutex<Vec<Idle>>,
+    /// Tells the task that gives connections back that one was kept.
+    kept: Arc<tokio::sync::Notify>,
+}
+
+struct Idle {
+    conn: PoolConnection<Postgres>,
+    /// When its last batch ended.
+    used: Instant,
+    /// When it was taken from the pool.
+    since: Instant,
 }
 
 impl Kept {
     /// Keeps up to `most` connections of `pool` (0: none, every connection goes back to the
-    /// pool). Starts, on the current runtime, the task that gives back what sat unused.
+    /// pool). Starts, on the current runtime, the task that gives back what should go back.
     pub fn new(pool: PgPool, most: usize) -> Kept {
-        let inner = Arc::new(KeptInner { pool, most, idle: Mutex::new(Vec::new()) });
+        let kept = Arc::new(tokio::sync::Notify::new());
+        let inner = Arc::new(KeptInner { pool, most, idle: Mutex::new(Vec::new()), kept: kept.clone() });
         if most > 0 {
             let home = Arc::downgrade(&inner);
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(PING_AFTER_IDLE / 4);
                 loop {
-                    tick.tick().await;
-                    let Some(inner) = home.upgrade() else { return };
-                    // Dropped outside the lock: each goes back to the pool with its ping.
-                    let stale = inner.take_stale(false);
-                    drop(stale);
+                    // Asleep while nothing is kept (woken by `keep`, or to see whether the
+                    // writer is gone).
+                    let _ = tokio::time::timeout(Duration::from_secs(5), kept.notified()).await;
+                    loop {
+                        let Some(inner) = home.upgrade() else { return };
+                        let (back, left) = inner.to_give_back(false);
+                        // Dropped outside the lock: each goes back to the pool with its ping.
+                        drop(back);
+                        drop(inner);
+                        if left == 0 {
+                            break;
+                        }
+                        tokio::time::sleep(KEPT_CHECK).await;
+                    }
                 }
             });
         }
@@ -94,7 +123,7 @@ impl Kept {
         let kept = {
             let mut idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
             match idle.pop() {
-                Some((conn, at)) if at.elapsed() < PING_AFTER_IDLE => Some(conn),
+                Some(i) if i.used.elapsed() < PING_AFTER_IDLE && !self.0.pool.is_closed() => Some(i),
                 Some(stale) => {
                     idle.push(stale);
                     None
@@ -102,28 +131,32 @@ impl Kept {
                 None => None,
             }
         };
-        let conn = match kept {
-            Some(conn) => conn,
-            None => {
-                // The newest was stale, so all are: give them back first.
-                drop(self.0.take_stale(true));
-                self.0.pool.acquire().await?
-            }
-        };
-        Ok(KeptConn { conn: Some(conn), home: self.0.clone() })
+        if let Some(Idle { conn, since, .. }) = kept {
+            return Ok(KeptConn { conn: Some(conn), since, home: self.0.clone() });
+        }
+        // The newest was stale (or the pool is closing), so all are: give them back first.
+        drop(self.0.to_give_back(true));
+        let conn = self.0.pool.acquire().await?;
+        Ok(KeptConn { conn: Some(conn), since: Instant::now(), home: self.0.clone() })
     }
 }
 
 impl KeptInner {
-    /// Takes the connections unused for [`PING_AFTER_IDLE`] (all of them, if `all` or the pool
-    /// is closing) out of the kept ones.
-    fn take_stale(&self, all: bool) -> Vec<(PoolConnection<Postgres>, Instant)> {
+    /// Whether the pool has no connection to spare: none idle, and as many open as it may.
+    fn pressed(&self) -> bool {
+        self.pool.num_idle() == 0 && self.pool.size() >= self.pool.options().get_max_connections()
+    }
+
+    /// Takes out what should go back to the pool (everything, if `all`, if the pool is closing
+    /// or has none to spare); returns it and how many stay kept.
+    fn to_give_back(&self, all: bool) -> (Vec<Idle>, usize) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let all = all || self.pool.is_closed();
-        let (stale, fresh): (Vec<_>, Vec<_>) =
-            idle.drain(..).partition(|(_, at)| all || at.elapsed() >= PING_AFTER_IDLE);
-        *idle = fresh;
-        stale
+        let all = all || self.pool.is_closed() || self.pressed();
+        let (back, stay): (Vec<Idle>, Vec<Idle>) =
+            idle.drain(..).partition(|i| all || i.used.elapsed() >= PING_AFTER_IDLE);
+        *idle = stay;
+        let left = idle.len();
+        (back, left)
     }
 }
 
@@ -131,24 +164,36 @@ impl KeptInner {
 /// for the writer's next batch.
 pub struct KeptConn {
     conn: Option<PoolConnection<Postgres>>,
+    since: Instant,
     home: Arc<KeptInner>,
 }
 
 impl KeptConn {
-    /// Keeps the connection for the next batch. Only for a connection whose work is finished:
-    /// every statement answered, no transaction open.
+    /// Keeps the connection for the next batch, if its work is finished (no transaction open,
+    /// nothing unsent) and the pool can spare it; otherwise it goes back to the pool.
     pub fn keep(mut self) {
         let Some(conn) = self.conn.take() else { return };
-        let extra = {
-            let mut idle = self.home.idle.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.len() < self.home.most && !self.home.pool.is_closed() {
-                idle.push((conn, Instant::now()));
+        let home = &self.home;
+        let clean = !conn.is_in_transaction() && !conn.should_flush();
+        let back = {
+            let mut idle = home.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if clean
+                && idle.len() < home.most
+                && self.since.elapsed() < KEPT_LIFE
+                && !home.pool.is_closed()
+                && !home.pressed()
+            {
+                idle.push(Idle { conn, used: Instant::now(), since: self.since });
                 None
             } else {
                 Some(conn)
             }
         };
-        drop(extra);
+        match back {
+            // Outside the lock: back to the pool with its ping.
+            Some(conn) => drop(conn),
+            None => home.kept.notify_one(),
+        }
     }
 }
 

@@ -250,10 +250,11 @@ async fn a_pooled_connection_the_server_dropped_is_replaced_before_it_is_used() 
 }
 
 /// Connections a writer keeps between batches (`db::Kept`) stay out of the pool while they are
-/// used, go back to it once unused for a second or beyond the number kept, and one given up
-/// mid-transaction goes back the pool's way, its transaction rolled back.
+/// used, and go back to it beyond the number kept, once unused for a second, when the pool has
+/// none to spare, and when kept with a transaction left open (which the way back ends).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_kept_between_batches_are_reused_then_given_back() {
+    use sqlx::Connection;
     async fn pid(conn: &mut sqlx::PgConnection) -> i32 {
         sqlx::query_scalar("select pg_backend_pid()").fetch_one(conn).await.unwrap()
     }
@@ -266,7 +267,7 @@ async fn connections_kept_between_batches_are_reused_then_given_back() {
     }
     let app = TestApp::spawn().await;
     let mut settings = app.settings.clone();
-    settings.database.max_connections = 3;
+    settings.database.max_connections = 4;
     let pool = dalil::db::connect(&settings).await.unwrap();
     let kept = dalil::db::Kept::new(pool.clone(), 2);
     let (mut a, mut b) = (kept.acquire().await.unwrap(), kept.acquire().await.unwrap());
@@ -291,24 +292,39 @@ async fn connections_kept_between_batches_are_reused_then_given_back() {
     tokio::time::sleep(Duration::from_millis(1_600)).await;
     idle_becomes(&pool, 3).await;
 
-    // Given up in the middle of a transaction (dropped, not kept): back by the pool's way, which
-    // ends the transaction before anyone else gets the connection.
-    settings.database.max_connections = 1;
-    let pool = dalil::db::connect(&settings).await.unwrap();
-    let kept = dalil::db::Kept::new(pool.clone(), 1);
+    // Kept with its transaction given up but not yet ended (the rollback only queued): back to
+    // the pool, whose way back ends the transaction.
     let mut conn = kept.acquire().await.unwrap();
-    let first = pid(&mut conn).await;
+    let open = pid(&mut conn).await;
     {
-        use sqlx::Connection;
         let mut tx = conn.begin().await.unwrap();
-        let _: i64 = sqlx::query_scalar("select pg_current_xact_id()::text::bigint").fetch_one(&mut *tx).await.unwrap();
+        sqlx::query("select pg_current_xact_id()").execute(&mut *tx).await.unwrap();
     }
-    drop(conn);
-    let mut next = kept.acquire().await.unwrap();
-    assert_eq!(pid(&mut next).await, first);
-    let in_transaction: bool =
-        sqlx::query_scalar("select pg_current_xact_id_if_assigned() is not null").fetch_one(&mut *next).await.unwrap();
-    assert!(!in_transaction);
+    conn.keep();
+    idle_becomes(&pool, 3).await;
+    let state: String = sqlx::query_scalar("select state from pg_stat_activity where pid = $1")
+        .bind(open)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "idle");
+
+    // A pool with nothing to spare gets the kept ones back at once (not a second later).
+    settings.database.max_connections = 2;
+    let pool = dalil::db::connect(&settings).await.unwrap();
+    let kept = dalil::db::Kept::new(pool.clone(), 2);
+    let (a, b) = (kept.acquire().await.unwrap(), kept.acquire().await.unwrap());
+    // Both of the pool's connections taken: the first kept goes back, the second then stays.
+    a.keep();
+    idle_becomes(&pool, 1).await;
+    b.keep();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pool.num_idle(), 1);
+    // Someone else takes the idle one and asks for another: the kept one comes back for it.
+    let _held = pool.acquire().await.unwrap();
+    let asked = std::time::Instant::now();
+    let got = tokio::time::timeout(Duration::from_millis(700), pool.acquire()).await;
+    assert!(got.is_ok(), "waited {:?} for a connection kept idle", asked.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
