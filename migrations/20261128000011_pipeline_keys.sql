@@ -19,6 +19,8 @@
 --   columns it has just read from, or written to, the parent's table (the agency by its key, the
 --   recipient by PINFL or TIN, the item and its steps in the same statement, the rest from the
 --   job's rows); none comes from a request unread.
+-- The table's owner or a superuser can still get past triggers (ALTER TABLE ... DISABLE TRIGGER,
+-- session_replication_role = replica), as past the evidence table's; Dalil does neither.
 -- Tables outside the per-item path (API keys, web sessions, callback endpoints and deliveries,
 -- postal operators and batches, signing keys) keep their foreign keys.
 
