@@ -55,38 +55,18 @@ begin
         using errcode = 'restrict_violation';
 end $$;
 
--- An UPDATE that does not name id (every one Dalil makes) does not fire the id trigger at all.
-create trigger agency_is_permanent before delete on agency
-    for each row execute function parent_is_permanent();
-create trigger agency_id_is_permanent before update of id on agency
-    for each row when (old.id is distinct from new.id) execute function parent_is_permanent();
-create trigger agency_no_truncate before truncate on agency
-    for each statement execute function parent_is_permanent();
-
-create trigger recipient_is_permanent before delete on recipient
-    for each row execute function parent_is_permanent();
-create trigger recipient_id_is_permanent before update of id on recipient
-    for each row when (old.id is distinct from new.id) execute function parent_is_permanent();
-create trigger recipient_no_truncate before truncate on recipient
-    for each statement execute function parent_is_permanent();
-
-create trigger item_is_permanent before delete on item
-    for each row execute function parent_is_permanent();
-create trigger item_id_is_permanent before update of id on item
-    for each row when (old.id is distinct from new.id) execute function parent_is_permanent();
-create trigger item_no_truncate before truncate on item
-    for each statement execute function parent_is_permanent();
-
-create trigger step_is_permanent before delete on step
-    for each row execute function parent_is_permanent();
-create trigger step_id_is_permanent before update of id on step
-    for each row when (old.id is distinct from new.id) execute function parent_is_permanent();
-create trigger step_no_truncate before truncate on step
-    for each statement execute function parent_is_permanent();
-
-create trigger attempt_is_permanent before delete on attempt
-    for each row execute function parent_is_permanent();
-create trigger attempt_id_is_permanent before update of id on attempt
-    for each row when (old.id is distinct from new.id) execute function parent_is_permanent();
-create trigger attempt_no_truncate before truncate on attempt
-    for each statement execute function parent_is_permanent();
+-- The same three triggers on each parent. An UPDATE that does not name id (every one Dalil
+-- makes) does not fire the id trigger at all.
+do $$
+declare t text;
+begin
+    foreach t in array array['agency', 'recipient', 'item', 'step', 'attempt'] loop
+        execute format('create trigger %1$I before delete on %2$I
+                            for each row execute function parent_is_permanent()', t || '_is_permanent', t);
+        execute format('create trigger %1$I before update of id on %2$I
+                            for each row when (old.id is distinct from new.id)
+                            execute function parent_is_permanent()', t || '_id_is_permanent', t);
+        execute format('create trigger %1$I before truncate on %2$I
+                            for each statement execute function parent_is_permanent()', t || '_no_truncate', t);
+    end loop;
+end $$;

@@ -122,13 +122,11 @@ impl Kept {
     pub async fn acquire(&self) -> sqlx::Result<KeptConn> {
         let kept = {
             let mut idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
-            match idle.pop() {
-                Some(i) if i.used.elapsed() < PING_AFTER_IDLE && !self.0.pool.is_closed() => Some(i),
-                Some(stale) => {
-                    idle.push(stale);
-                    None
-                }
-                None => None,
+            let fresh = idle.last().is_some_and(|i| i.used.elapsed() < PING_AFTER_IDLE);
+            if fresh && !self.0.pool.is_closed() {
+                idle.pop()
+            } else {
+                None
             }
         };
         if let Some(Idle { conn, since, .. }) = kept {

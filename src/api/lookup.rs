@@ -88,16 +88,13 @@ async fn read_batch<J: Job, T: Send + 'static>(
     read: Read<J, T>,
 ) {
     let keys: Vec<&J> = batch.iter().map(|p| &p.job).collect();
-    let result = match conns.acquire().await {
-        Ok(mut conn) => {
-            let result = read(&mut conn, &keys).await;
-            if result.is_ok() {
-                conn.keep();
-            }
-            result
-        }
-        Err(e) => Err(e),
-    };
+    let result = async {
+        let mut conn = conns.acquire().await?;
+        let found = read(&mut conn, &keys).await?;
+        conn.keep();
+        Ok(found)
+    }
+    .await;
     drop(keys);
     match result {
         // One answer per key, in the keys' order ([`in_order`]).
