@@ -38,6 +38,8 @@ pub struct Options {
     /// `clients` clients each sending as fast as it is answered.
     pub rate: Option<f64>,
     pub clients: usize,
+    /// Items per request: 1 through `POST /v1/correspondence`, more through its batch.
+    pub batch: usize,
     /// Worker processes; 0 runs everything in one `dalil all` process.
     pub workers: usize,
     /// Seconds each raw ceiling is measured for.
@@ -111,6 +113,9 @@ pub struct Report {
     /// The rate items were offered at (items/s), when the run was given one.
     pub offered_per_second: Option<f64>,
     pub clients: usize,
+    /// Items per request (1: each alone; more: `POST /v1/correspondence/batch`). Each item's
+    /// accept latency is its request's.
+    pub batch: usize,
     pub worker_processes: usize,
     pub accepted: usize,
     pub refused: usize,
@@ -230,6 +235,11 @@ fn free_port() -> anyhow::Result<u16> {
 
 pub async fn run(base: &Settings, o: Options) -> anyhow::Result<Report> {
     anyhow::ensure!(o.items > 0 && o.clients > 0, "--items and --clients must be at least 1");
+    anyhow::ensure!(
+        (1..=crate::api::batch::MAX_BATCH_ITEMS).contains(&o.batch),
+        "--batch must be 1 to {}",
+        crate::api::batch::MAX_BATCH_ITEMS
+    );
     anyhow::ensure!(o.seconds != Some(0), "--seconds must be at least 1");
     anyhow::ensure!(o.rate.is_none_or(|r| r.is_finite() && r > 0.0), "--rate must be more than 0 items/s");
     let stamp = format!("{}_{}", Utc::now().format("%Y%m%d_%H%M%S"), &Uuid::new_v4().simple().to_string()[..6]);
@@ -364,7 +374,7 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         None
     };
     let stop_at = o.seconds.map(|secs| started + Duration::from_secs(secs));
-    let submit = Submitter { http: http.clone(), url: base_url.clone(), key: key.clone(), recipients };
+    let submit = Submitter { http: http.clone(), url: base_url.clone(), key: key.clone(), recipients, batch: o.batch };
     let (accept_ms, refused) = match o.rate {
         None => closed_loop(&submit, o.clients, total, stop_at, &done).await?,
         Some(rate) => open_loop(&submit, rate, o.clients, total, stop_at, &done, started).await?,
@@ -460,6 +470,7 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         seconds: o.seconds,
         offered_per_second: o.rate,
         clients: o.clients,
+        batch: o.batch,
         worker_processes: o.workers,
         accepted,
         refused,
@@ -492,37 +503,52 @@ struct Submitter {
     url: String,
     key: String,
     recipients: usize,
+    /// Items per request.
+    batch: usize,
 }
 
 impl Submitter {
-    /// Submits item `i`; `Ok` when it was accepted (202), else why not.
-    async fn send(&self, i: usize) -> Result<(), String> {
-        let r = self
-            .http
-            .post(format!("{}/v1/correspondence", self.url))
-            .bearer_auth(&self.key)
-            .header("Idempotency-Key", format!("bench-{i}"))
-            .json(&item(i, self.recipients))
-            .send()
-            .await;
-        match r {
+    /// Submits items `first..end` (one request: alone, or as a batch); `Ok` when they were
+    /// accepted (202), else why not.
+    async fn send(&self, first: usize, end: usize) -> Result<(), String> {
+        let request = if self.batch == 1 {
+            self.http
+                .post(format!("{}/v1/correspondence", self.url))
+                .header("Idempotency-Key", format!("bench-{first}"))
+                .json(&item(first, self.recipients))
+        } else {
+            let items: Vec<serde_json::Value> = (first..end)
+                .map(|i| {
+                    let mut item = item(i, self.recipients);
+                    item["idempotency_key"] = format!("bench-{i}").into();
+                    item
+                })
+                .collect();
+            self.http.post(format!("{}/v1/correspondence/batch", self.url)).json(&json!({ "items": items }))
+        };
+        let what = if end - first == 1 { format!("item {first}") } else { format!("items {first}..{end}") };
+        match request.bearer_auth(&self.key).send().await {
             Ok(r) if r.status().as_u16() == 202 => Ok(()),
-            Ok(r) => Err(format!("item {i} refused: {} {}", r.status(), r.text().await.unwrap_or_default())),
-            Err(e) => Err(format!("item {i} failed: {e}")),
+            Ok(r) => Err(format!("{what} refused: {} {}", r.status(), r.text().await.unwrap_or_default())),
+            Err(e) => Err(format!("{what} failed: {e}")),
         }
     }
 }
 
+/// What a sending task brings back: the accept latency (ms) of each item accepted, and for each
+/// request refused, how many items it carried and why.
+type Sent = (Vec<f64>, Vec<(usize, String)>);
+
 /// Accept latencies (ms) of the accepted items and how many were refused, from the tasks that
 /// sent them; the first refusal is printed.
-async fn gather(mut tasks: tokio::task::JoinSet<(Vec<f64>, Vec<String>)>) -> anyhow::Result<(Vec<f64>, usize)> {
+async fn gather(mut tasks: tokio::task::JoinSet<Sent>) -> anyhow::Result<(Vec<f64>, usize)> {
     let (mut accept_ms, mut refused) = (Vec::new(), 0);
     let mut first = None;
     while let Some(r) = tasks.join_next().await {
         let (l, f) = r?;
         accept_ms.extend(l);
-        refused += f.len();
-        first = first.or(f.into_iter().next());
+        refused += f.iter().map(|(n, _)| n).sum::<usize>();
+        first = first.or(f.into_iter().next().map(|(_, why)| why));
     }
     if let Some(why) = first {
         eprintln!("\nbench: {why}");
@@ -549,16 +575,17 @@ async fn closed_loop(
                 if stop_at.is_some_and(|at| Instant::now() >= at) {
                     break;
                 }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
+                let first = next.fetch_add(submit.batch, Ordering::Relaxed);
+                if first >= total {
                     break;
                 }
+                let end = total.min(first + submit.batch);
                 let t = Instant::now();
-                match submit.send(i).await {
-                    Ok(()) => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
-                    Err(why) => refused.push(why),
+                match submit.send(first, end).await {
+                    Ok(()) => latencies.extend(std::iter::repeat_n(t.elapsed().as_secs_f64() * 1000.0, end - first)),
+                    Err(why) => refused.push((end - first, why)),
                 }
-                done.fetch_add(1, Ordering::Relaxed);
+                done.fetch_add(end - first, Ordering::Relaxed);
             }
             (latencies, refused)
         });
@@ -580,22 +607,24 @@ async fn open_loop(
 ) -> anyhow::Result<(Vec<f64>, usize)> {
     let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..total {
-        let due = started + Duration::from_secs_f64(i as f64 / rate);
+    // A batch is due when its first item is.
+    for first in (0..total).step_by(submit.batch) {
+        let due = started + Duration::from_secs_f64(first as f64 / rate);
         if stop_at.is_some_and(|at| due >= at) {
             break;
         }
+        let end = total.min(first + submit.batch);
         tokio::time::sleep_until(due.into()).await;
         let slot = slots.clone().acquire_owned().await?;
         let (submit, done) = (submit.clone(), done.clone());
         tasks.spawn(async move {
-            let r = submit.send(i).await;
+            let r = submit.send(first, end).await;
             let ms = due.elapsed().as_secs_f64() * 1000.0;
             drop(slot);
-            done.fetch_add(1, Ordering::Relaxed);
+            done.fetch_add(end - first, Ordering::Relaxed);
             match r {
-                Ok(()) => (vec![ms], Vec::new()),
-                Err(why) => (Vec::new(), vec![why]),
+                Ok(()) => (vec![ms; end - first], Vec::new()),
+                Err(why) => (Vec::new(), vec![(end - first, why)]),
             }
         });
     }
@@ -756,9 +785,9 @@ pub fn table(r: &Report) -> String {
         r.items,
         r.seconds.map(|s| format!(" in {s} s")).unwrap_or_default(),
         match r.offered_per_second {
-            Some(rate) => format!("offered at {rate:.0}/s (at most {} in flight)", r.clients),
+            Some(rate) => format!("offered at {rate:.0}/s (at most {} requests in flight)", r.clients),
             None => format!("{} clients", r.clients),
-        },
+        } + &if r.batch > 1 { format!(", {} items per request", r.batch) } else { String::new() },
         if r.worker_processes == 0 {
             "one `dalil all` process".to_string()
         } else {

@@ -80,6 +80,10 @@ pub enum Command {
         /// latency then counts from when each item was due (open loop).
         #[arg(long)]
         rate: Option<f64>,
+        /// Items per request: 1 sends each through `POST /v1/correspondence`, more send them
+        /// through `POST /v1/correspondence/batch` (1 to 1,000).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
         /// Worker processes (with separate serve, relay and scheduler processes); 0 runs one
         /// `dalil all`.
         #[arg(long, default_value_t = 0)]
@@ -392,13 +396,14 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             .serve(listener, app::shutdown_token())
             .await
         }
-        Command::Bench { items, seconds, clients, rate, workers, ceiling_seconds, json, keep } => {
+        Command::Bench { items, seconds, clients, rate, batch, workers, ceiling_seconds, json, keep } => {
             let binary = std::env::current_exe().context("finding the dalil binary")?;
             let options = crate::bench::Options {
                 items,
                 seconds,
                 rate,
                 clients,
+                batch,
                 workers,
                 ceiling_seconds,
                 json,

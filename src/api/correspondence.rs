@@ -190,12 +190,19 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdempotencyKey {
                 "the Idempotency-Key header is required: a unique value per item, reused on retries",
             )
         })?;
-        let key = value.to_str().map_err(|_| ApiError::bad_request(field, "must be visible ASCII"))?.trim();
-        if key.is_empty() || key.len() > 200 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ApiError::bad_request(field, "1 to 200 visible ASCII characters"));
-        }
+        let key = value.to_str().map_err(|_| ApiError::bad_request(field, "must be visible ASCII"))?;
+        let key = check_key(key).map_err(|e| ApiError::bad_request(field, e))?;
         Ok(IdempotencyKey(key.to_string()))
     }
+}
+
+/// An idempotency key, trimmed: 1 to 200 visible ASCII characters.
+pub(super) fn check_key(key: &str) -> Result<&str, &'static str> {
+    let key = key.trim();
+    if key.is_empty() || key.len() > 200 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("1 to 200 visible ASCII characters");
+    }
+    Ok(key)
 }
 
 #[utoipa::path(post, path = "/v1/correspondence", tag = "agency",
@@ -250,6 +257,25 @@ async fn accept(
     request_sha256: &str,
     body: SubmitRequest,
 ) -> ApiResult<Option<Response>> {
+    let planned = plan(state, agency, key, request_sha256, body).await?;
+    Ok(write(state, planned).await?.map(accepted))
+}
+
+/// A submission checked, rendered and decided: its rows, ready to be written.
+pub(super) struct Planned {
+    row: intake::Row,
+    trace_id: Uuid,
+}
+
+/// Everything a submission needs before it is written: the checks, the recipient, the
+/// rendering, the notices, the steps and the SubmissionAcceptance record.
+pub(super) async fn plan(
+    state: &AppState,
+    agency: &Agency,
+    key: &str,
+    request_sha256: &str,
+    body: SubmitRequest,
+) -> ApiResult<Planned> {
     let p = prepare(body)?;
     // Read with the recipients of submissions made alongside (`super::lookup`).
     let recipient = state.lookups.recipient(p.recipient.clone()).await?;
@@ -413,7 +439,6 @@ async fn accept(
         })),
     };
 
-    let reference = p.reference;
     let row = intake::Row {
         key: key.to_string(),
         request_sha256: request_sha256.to_string(),
@@ -429,27 +454,34 @@ async fn accept(
         digital_consent,
         deemed_after: deemed.map(|d| d.after.interval()),
         deemed_rule,
-        respond_by_warning: respond_by_warning.clone(),
+        respond_by_warning,
         attachments: p.attachments,
         notices,
         steps,
         attempts,
         acceptance,
     };
-    // Committed, with whatever other submissions were written alongside, before the answer.
+    Ok(Planned { row, trace_id })
+}
+
+/// Writes a planned submission and returns its answer once it is committed (with whatever
+/// other submissions were written alongside); `None` when its key was claimed first.
+pub(super) async fn write(state: &AppState, planned: Planned) -> ApiResult<Option<SubmitResponse>> {
+    let Planned { row, trace_id } = planned;
+    let item = row.item.clone();
+    let respond_by_warning = row.respond_by_warning.clone();
     let Some(appended) = state.intake.write(row).await? else { return Ok(None) };
 
     state.relay_wake.wake();
-    tracing::info!(%item_id, %trace_id, agency = agency.code, kind = p.kind.as_str(), "accepted");
+    tracing::info!(item_id = %item.item_id, %trace_id, agency = item.agency_code, kind = item.kind, "accepted");
     // The same answer a replay of this request gets, from what is in hand.
-    let body = SubmitResponse {
-        id: item_id,
+    Ok(Some(SubmitResponse {
+        id: item.item_id,
         status: "accepted".into(),
-        reference,
+        reference: item.reference,
         respond_by_warning,
         evidence: appended.stored(),
-    };
-    Ok(Some(accepted(body)))
+    }))
 }
 
 fn accepted(body: SubmitResponse) -> Response {
@@ -537,6 +569,17 @@ async fn replay(
     key: &str,
     request_sha256: &str,
 ) -> ApiResult<Option<Response>> {
+    Ok(replayed(conn, agency_id, key, request_sha256).await?.map(accepted))
+}
+
+/// The first answer to a request whose key was seen, for the same body; a conflict for another
+/// body, `None` for a new key (or one whose request is still in flight).
+pub(super) async fn replayed(
+    conn: &mut PgConnection,
+    agency_id: Uuid,
+    key: &str,
+    request_sha256: &str,
+) -> ApiResult<Option<SubmitResponse>> {
     let row: Option<(String, Option<Uuid>)> =
         sqlx::query_as("select request_sha256, item_id from idempotency where agency_id = $1 and key = $2")
             .bind(agency_id)
@@ -561,7 +604,7 @@ async fn replay(
         .into_iter()
         .find(|e| e.event == "SubmissionAcceptance")
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("item {item_id} has no SubmissionAcceptance")))?;
-    Ok(Some(accepted(SubmitResponse { id: item_id, status, reference, respond_by_warning, evidence })))
+    Ok(Some(SubmitResponse { id: item_id, status, reference, respond_by_warning, evidence }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -33,6 +33,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Several items of one request are at fault (`422` invalid, `409` conflicting), each named.
+    #[error("{detail}")]
+    Items { status: StatusCode, detail: String, errors: Vec<ItemProblem> },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -69,6 +72,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => S::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed => S::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) => S::SERVICE_UNAVAILABLE,
+            ApiError::Items { status, .. } => *status,
             ApiError::Internal(_) => S::INTERNAL_SERVER_ERROR,
         }
     }
@@ -77,7 +81,9 @@ impl ApiError {
     pub fn detail(&self) -> String {
         match self {
             ApiError::Invalid(e) => format!("{}: {}", e.field, e.message),
-            ApiError::BadRequest { detail, .. } | ApiError::Conflict { detail, .. } => detail.clone(),
+            ApiError::BadRequest { detail, .. }
+            | ApiError::Conflict { detail, .. }
+            | ApiError::Items { detail, .. } => detail.clone(),
             ApiError::NotFound => "no such letter of this operator".into(),
             ApiError::Internal(_) => "internal error; nothing was changed".into(),
             other => other.to_string(),
@@ -105,10 +111,29 @@ pub struct Problem {
     /// The request field at fault, as a dotted path (`recipient.pinfl`, `attachments[0].content`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// Every field at fault when there are several (the items of a batch), the first of them
+    /// also in `field`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<ItemProblem>,
+}
+
+/// One field at fault among several.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ItemProblem {
+    /// The field, as a dotted path from the body's root (`items[3].recipient.pinfl`).
+    pub field: String,
+    pub detail: String,
+}
+
+impl ItemProblem {
+    pub fn new(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        ItemProblem { field: field.into(), detail: detail.into() }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let mut errors = Vec::new();
         let (status, slug, title, detail, field) = match self {
             ApiError::BadRequest { field, detail } => {
                 (StatusCode::BAD_REQUEST, "bad-request", "Bad request", detail, field)
@@ -144,6 +169,16 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(detail) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", detail, None)
             }
+            ApiError::Items { status, detail, errors: all } => {
+                let (slug, title) = if status == StatusCode::CONFLICT {
+                    ("conflict", "Conflict")
+                } else {
+                    ("validation", "Invalid field")
+                };
+                let field = all.first().map(|e| e.field.clone());
+                errors = all;
+                (status, slug, title, detail, field)
+            }
             ApiError::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "internal error");
                 (
@@ -161,6 +196,7 @@ impl IntoResponse for ApiError {
             status: status.as_u16(),
             detail,
             field,
+            errors,
         };
         let mut response = (status, axum::Json(problem)).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));

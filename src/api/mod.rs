@@ -2,6 +2,7 @@
 //! Every error is `application/problem+json` (see [`error`]).
 
 pub mod auth;
+pub mod batch;
 pub mod callbacks;
 pub mod correspondence;
 pub mod error;
@@ -56,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi::document))
         .route("/v1/correspondence", post(correspondence::submit).get(correspondence::list))
+        .route("/v1/correspondence/batch", post(batch::submit))
         .route("/v1/correspondence/{id}", get(correspondence::get_one))
         .route("/v1/correspondence/{id}/recall", post(correspondence::recall))
         .route("/v1/callbacks", post(callbacks::create).get(callbacks::list))

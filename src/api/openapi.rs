@@ -4,14 +4,14 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{callbacks, correspondence, error, health, inbox, log, postal, providers};
+use super::{batch, callbacks, correspondence, error, health, inbox, log, postal, providers};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Dalil", description = "Delivery and proof of delivery of official correspondence."),
     paths(
         health::healthz, health::readyz,
-        correspondence::submit, correspondence::list, correspondence::get_one, correspondence::recall, correspondence::templates,
+        correspondence::submit, batch::submit, correspondence::list, correspondence::get_one, correspondence::recall, correspondence::templates,
         inbox::list, inbox::open, inbox::attachment, inbox::acknowledge,
         log::latest, log::at_size, log::inclusion, log::consistency, log::keys,
         log::agency_bundle, log::citizen_bundle, log::verify,

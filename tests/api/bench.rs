@@ -14,6 +14,7 @@ async fn the_benchmark_drives_every_item_to_the_inbox_and_the_sms_gateway() {
             seconds: None,
             rate: None,
             clients: 8,
+            batch: 1,
             // Separate serve, relay, scheduler and worker processes, as in production.
             workers: 1,
             ceiling_seconds: 1,
@@ -55,6 +56,8 @@ async fn at_a_fixed_rate_the_benchmark_sends_for_the_time_given_and_every_item_a
             seconds: Some(2),
             rate: Some(50.0),
             clients: 16,
+            // In batches of 10 through `POST /v1/correspondence/batch`, one due every 0.2 s.
+            batch: 10,
             workers: 0,
             ceiling_seconds: 1,
             json: None,
@@ -71,6 +74,8 @@ async fn at_a_fixed_rate_the_benchmark_sends_for_the_time_given_and_every_item_a
     assert_eq!(report.offered_per_second, Some(50.0));
     // Offered at 50/s for 2 s: accepted at about that rate, not as fast as the server could.
     assert!((30.0..=55.0).contains(&report.accepted_per_second), "{report:?}");
-    assert!(dalil::bench::table(&report).contains("offered at 50/s"));
+    assert_eq!(report.batch, 10);
+    let table = dalil::bench::table(&report);
+    assert!(table.contains("offered at 50/s") && table.contains("10 items per request"), "{table}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,7 +10,13 @@ async fn health_readiness_and_the_openapi_document() {
     assert_eq!(ready["rabbitmq"], "ok");
     assert_eq!(ready["postgres"], "ok");
     let doc: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
-    for path in ["/v1/correspondence", "/v1/correspondence/{id}", "/v1/inbox", "/v1/inbox/{id}/acknowledge"] {
+    for path in [
+        "/v1/correspondence",
+        "/v1/correspondence/batch",
+        "/v1/correspondence/{id}",
+        "/v1/inbox",
+        "/v1/inbox/{id}/acknowledge",
+    ] {
         assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
     }
     assert!(doc["components"]["schemas"]["SubmitRequest"].is_object());

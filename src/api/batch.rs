@@ -1,0 +1,264 @@
+//! Many submissions in one request: `POST /v1/correspondence/batch`.
+//!
+//! An agency with thousands of items sends them in requests of up to [`MAX_BATCH_ITEMS`]. Each
+//! item is the body `POST /v1/correspondence` takes, plus its own `idempotency_key`: the same
+//! key space, so an item sent alone and then in a batch (or the other way round) with the same
+//! body is one item, and a retry of a batch returns the items it already wrote.
+//!
+//! A batch is checked whole before anything is written: a key used before for another body
+//! answers `409`, a bad item `422`, each naming every item at fault (`items[3].recipient.pinfl`),
+//! and nothing is written. A batch that passes is written through the same group commit as
+//! single submissions ([`super::intake`]), each item with its own claim, rows and evidence, and
+//! answered `202` once every item is committed, one answer per item in the order sent.
+
+use std::collections::HashMap;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::future::join_all;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::auth::Agency;
+use super::correspondence::{self, SubmitRequest, SubmitResponse};
+use super::error::ItemProblem;
+use super::{ApiError, ApiResult, AppState, JsonBody};
+use crate::evidence;
+
+/// Items in one batch, at most.
+pub const MAX_BATCH_ITEMS: usize = 1000;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// 1 to 1,000 items, each a `POST /v1/correspondence` body with an `idempotency_key`.
+    #[schema(value_type = Vec<BatchItem>)]
+    pub items: Vec<Value>,
+}
+
+/// One item of a batch (documentation only: items are read one by one, so that an error names
+/// the item).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct BatchItem {
+    /// Unique per item among the agency's submissions, single or batched; reused on retries.
+    pub idempotency_key: String,
+    #[serde(flatten)]
+    pub submission: SubmitRequest,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchResponse {
+    /// One answer per item, in the order sent: what `POST /v1/correspondence` answers for it.
+    pub items: Vec<SubmitResponse>,
+}
+
+/// An item as read from the batch: its key, the digest its replays compare, its body (taken
+/// when it is planned).
+struct Item {
+    key: String,
+    request_sha256: String,
+    body: Option<SubmitRequest>,
+}
+
+#[utoipa::path(post, path = "/v1/correspondence/batch", tag = "agency",
+    request_body = BatchRequest,
+    responses(
+        (status = 202, description = "Every item accepted and committed; one answer per item, in order", body = BatchResponse),
+        (status = 400, description = "Malformed JSON", body = super::error::Problem),
+        (status = 401, description = "Missing or invalid API key", body = super::error::Problem),
+        (status = 409, description = "Keys used before for other bodies, each in `errors`; nothing written", body = super::error::Problem),
+        (status = 413, description = "Body too large", body = super::error::Problem),
+        (status = 422, description = "Invalid items, each in `errors` with its field (`items[3].reference`); nothing written", body = super::error::Problem)),
+    security(("agency_key" = [])))]
+pub async fn submit(
+    State(state): State<AppState>,
+    agency: Agency,
+    body: JsonBody<BatchRequest>,
+) -> ApiResult<Response> {
+    let raw = body.value.items;
+    if raw.is_empty() || raw.len() > MAX_BATCH_ITEMS {
+        return Err(ApiError::invalid("items", format!("1 to {MAX_BATCH_ITEMS} items")));
+    }
+    let n = raw.len();
+    let (mut items, invalid) = read(raw);
+    if !invalid.is_empty() {
+        return Err(invalid_items(n, invalid));
+    }
+
+    // Keys seen before: the same body is a replay of that item, another body a conflict.
+    let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
+    let seen: HashMap<String, String> =
+        sqlx::query_as("select key, request_sha256 from idempotency where agency_id = $1 and key = any($2)")
+            .bind(agency.id)
+            .bind(&keys)
+            .fetch_all(&state.pool)
+            .await?
+            .into_iter()
+            .collect();
+    let conflicts: Vec<ItemProblem> = items
+        .iter()
+        .enumerate()
+        .filter(|(_, item)| seen.get(&item.key).is_some_and(|sha| *sha != item.request_sha256))
+        .map(|(i, _)| ItemProblem::new(format!("items[{i}].idempotency_key"), used_elsewhere()))
+        .collect();
+    if !conflicts.is_empty() {
+        return Err(ApiError::Items {
+            status: StatusCode::CONFLICT,
+            detail: format!(
+                "{} of {n} items have a key used before with another body; nothing was written",
+                conflicts.len()
+            ),
+            errors: conflicts,
+        });
+    }
+
+    // Every new item checked, its recipient read and its content rendered, before any is written.
+    let planned = join_all(items.iter_mut().map(|item| {
+        let body = item.body.take().filter(|_| !seen.contains_key(&item.key));
+        let (state, agency, item) = (&state, &agency, &*item);
+        async move {
+            match body {
+                Some(body) => {
+                    correspondence::plan(state, agency, &item.key, &item.request_sha256, body).await.map(Some)
+                }
+                None => Ok(None),
+            }
+        }
+    }))
+    .await;
+    let mut plans = Vec::with_capacity(n);
+    let mut invalid = Vec::new();
+    for (i, p) in planned.into_iter().enumerate() {
+        match p {
+            Ok(p) => plans.push(p),
+            Err(ApiError::Invalid(e)) => invalid.push(ItemProblem::new(under(i, &e.field), e.message)),
+            Err(e) => return Err(e),
+        }
+    }
+    if !invalid.is_empty() {
+        return Err(invalid_items(n, invalid));
+    }
+
+    // Written together with whatever else is being submitted; answered once all are committed.
+    let written = join_all(plans.into_iter().map(|p| async {
+        match p {
+            Some(p) => correspondence::write(&state, p).await,
+            None => Ok(None),
+        }
+    }))
+    .await;
+    let mut answers = Vec::with_capacity(n);
+    for (i, (item, w)) in items.iter().zip(written).enumerate() {
+        let answer = match w? {
+            Some(answer) => answer,
+            // Written before (a retry), or claimed by a request made alongside: its first answer.
+            None => {
+                let mut conn = state.pool.acquire().await?;
+                match correspondence::replayed(&mut conn, agency.id, &item.key, &item.request_sha256).await {
+                    Ok(Some(answer)) => answer,
+                    Ok(None) => return Err(in_progress(i, n)),
+                    Err(ApiError::Conflict { .. }) => {
+                        return Err(ApiError::Items {
+                            status: StatusCode::CONFLICT,
+                            detail: format!(
+                                "items[{i}]'s key was just used by another request with another body; \
+                                 the other items are committed, and a retry of this batch without it returns them"
+                            ),
+                            errors: vec![ItemProblem::new(format!("items[{i}].idempotency_key"), used_elsewhere())],
+                        })
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        answers.push(answer);
+    }
+    tracing::info!(agency = agency.code, items = n, "batch accepted");
+    Ok((StatusCode::ACCEPTED, Json(BatchResponse { items: answers })).into_response())
+}
+
+/// Reads each item: its key (1 to 200 visible ASCII characters, unique in the batch) and its
+/// body, with the failing field of each bad one.
+fn read(raw: Vec<Value>) -> (Vec<Item>, Vec<ItemProblem>) {
+    let mut items = Vec::with_capacity(raw.len());
+    let mut invalid = Vec::new();
+    let mut first_of: HashMap<String, usize> = HashMap::new();
+    for (i, mut value) in raw.into_iter().enumerate() {
+        let Some(object) = value.as_object_mut() else {
+            invalid.push(ItemProblem::new(format!("items[{i}]"), "an item is a JSON object"));
+            continue;
+        };
+        let key = match object.remove("idempotency_key") {
+            None => Err("required: a unique value per item, reused on retries".to_string()),
+            Some(Value::String(k)) => correspondence::check_key(&k).map(str::to_string).map_err(str::to_string),
+            Some(_) => Err("a string".to_string()),
+        };
+        let key = match key {
+            Ok(k) => match first_of.get(&k) {
+                Some(first) => Err(format!("the same key as items[{first}]: each item needs its own")),
+                None => {
+                    first_of.insert(k.clone(), i);
+                    Ok(k)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        // What a replay compares: the item without its key, as `POST /v1/correspondence` would
+        // have had it.
+        let request_sha256 = evidence::sha256_hex(&crate::jcs::to_vec(&value));
+        let body = serde_path_to_error::deserialize::<_, SubmitRequest>(&value).map_err(|e| {
+            let path = e.path().to_string();
+            (if path == "." { String::new() } else { path }, e.into_inner().to_string())
+        });
+        match (key, body) {
+            (Ok(key), Ok(body)) => items.push(Item { key, request_sha256, body: Some(body) }),
+            (key, body) => {
+                if let Err(e) = key {
+                    invalid.push(ItemProblem::new(format!("items[{i}].idempotency_key"), e));
+                }
+                if let Err((field, e)) = body {
+                    invalid.push(ItemProblem::new(under(i, &field), e));
+                }
+            }
+        }
+    }
+    (items, invalid)
+}
+
+/// A field of item `i`: `items[3].recipient.pinfl`, or `items[3]` for the item as a whole.
+fn under(i: usize, field: &str) -> String {
+    if field.is_empty() {
+        format!("items[{i}]")
+    } else {
+        format!("items[{i}].{field}")
+    }
+}
+
+fn invalid_items(n: usize, errors: Vec<ItemProblem>) -> ApiError {
+    let bad =
+        errors.iter().map(|e| e.field.split('.').next().unwrap_or_default()).collect::<std::collections::HashSet<_>>();
+    ApiError::Items {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        detail: format!("{} of {n} items are invalid; nothing was written", bad.len()),
+        errors,
+    }
+}
+
+fn used_elsewhere() -> String {
+    "this key was used with a different request body".into()
+}
+
+fn in_progress(i: usize, n: usize) -> ApiError {
+    ApiError::Items {
+        status: StatusCode::CONFLICT,
+        detail: format!(
+            "items[{i}]'s key is held by a request in progress; the other {} items are committed, and a retry returns them",
+            n - 1
+        ),
+        errors: vec![ItemProblem::new(format!("items[{i}].idempotency_key"), "a request with this key is in progress")],
+    }
+}
