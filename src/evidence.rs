@@ -374,13 +374,26 @@ pub async fn for_recipient(conn: &mut PgConnection, recipient_id: Uuid) -> sqlx:
 /// with its log index once the sequencer has given it one (looked up record by record, through
 /// the unique index of `log_entry`).
 async fn stored_where(conn: &mut PgConnection, condition: &str, value: Uuid) -> sqlx::Result<Vec<StoredEvidence>> {
+    Ok(rows_where(conn, condition, value).await?.into_iter().map(stored).collect())
+}
+
+async fn rows_where<T>(conn: &mut PgConnection, condition: &str, value: T) -> sqlx::Result<Vec<EvidenceRow>>
+where
+    T: Send + for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
     let sql = format!(
-        "select e.evidence_id, (select l.log_index from log_entry l where l.evidence_id = e.evidence_id) as log_index,
+        "select e.evidence_id, e.item_id,
+                (select l.log_index from log_entry l where l.evidence_id = e.evidence_id) as log_index,
                 e.event, e.at, e.channel, e.canonical, e.sha256
          from evidence e where {condition} order by e.seq"
     );
-    let rows: Vec<EvidenceRow> = sqlx::query_as(&sql).bind(value).fetch_all(conn).await?;
-    Ok(rows.into_iter().map(stored).collect())
+    sqlx::query_as(&sql).bind(value).fetch_all(conn).await
+}
+
+/// The SubmissionAcceptance records of these items, with their items' ids.
+pub async fn acceptances(conn: &mut PgConnection, item_ids: &[Uuid]) -> sqlx::Result<Vec<(Uuid, StoredEvidence)>> {
+    let rows = rows_where(conn, "e.item_id = any($1) and e.event = 'SubmissionAcceptance'", item_ids).await?;
+    Ok(rows.into_iter().filter_map(|r| Some((r.item_id?, stored(r)))).collect())
 }
 
 fn stored(r: EvidenceRow) -> StoredEvidence {
@@ -415,6 +428,8 @@ pub struct StoredEvidence {
 #[derive(sqlx::FromRow)]
 struct EvidenceRow {
     evidence_id: Uuid,
+    /// `None` for a record about a recipient, not an item (a change of their settings).
+    item_id: Option<Uuid>,
     log_index: Option<i64>,
     event: String,
     at: DateTime<Utc>,

@@ -23,7 +23,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::auth::Agency;
-use super::correspondence::{self, SubmitRequest, SubmitResponse};
+use super::correspondence::{self, Seen, SubmitRequest, SubmitResponse};
 use super::error::ItemProblem;
 use super::{ApiError, ApiResult, AppState, JsonBody};
 use crate::evidence;
@@ -56,12 +56,10 @@ pub struct BatchResponse {
     pub items: Vec<SubmitResponse>,
 }
 
-/// An item as read from the batch: its key, the digest its replays compare, its body (taken
-/// when it is planned).
+/// An item as read from the batch: its key, and the digest its replays compare.
 struct Item {
     key: String,
     request_sha256: String,
-    body: Option<SubmitRequest>,
 }
 
 #[utoipa::path(post, path = "/v1/correspondence/batch", tag = "agency",
@@ -84,25 +82,18 @@ pub async fn submit(
         return Err(ApiError::invalid("items", format!("1 to {MAX_BATCH_ITEMS} items")));
     }
     let n = raw.len();
-    let (mut items, invalid) = read(raw);
+    let (items, bodies, invalid) = read(raw);
     if !invalid.is_empty() {
         return Err(invalid_items(n, invalid));
     }
 
     // Keys seen before: the same body is a replay of that item, another body a conflict.
-    let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
-    let seen: HashMap<String, String> =
-        sqlx::query_as("select key, request_sha256 from idempotency where agency_id = $1 and key = any($2)")
-            .bind(agency.id)
-            .bind(&keys)
-            .fetch_all(&state.pool)
-            .await?
-            .into_iter()
-            .collect();
-    let conflicts: Vec<ItemProblem> = items
+    let asked: Vec<(&str, &str)> = items.iter().map(|i| (i.key.as_str(), i.request_sha256.as_str())).collect();
+    let before = correspondence::seen(&mut *state.pool.acquire().await?, agency.id, &asked).await?;
+    let conflicts: Vec<ItemProblem> = before
         .iter()
         .enumerate()
-        .filter(|(_, item)| seen.get(&item.key).is_some_and(|sha| *sha != item.request_sha256))
+        .filter(|(_, seen)| matches!(seen, Seen::OtherBody))
         .map(|(i, _)| ItemProblem::new(format!("items[{i}].idempotency_key"), used_elsewhere()))
         .collect();
     if !conflicts.is_empty() {
@@ -115,24 +106,30 @@ pub async fn submit(
             errors: conflicts,
         });
     }
-
-    // Every new item checked, its recipient read and its content rendered, before any is written.
-    let planned = join_all(items.iter_mut().map(|item| {
-        let body = item.body.take().filter(|_| !seen.contains_key(&item.key));
-        let (state, agency, item) = (&state, &agency, &*item);
-        async move {
-            match body {
-                Some(body) => {
-                    correspondence::plan(state, agency, &item.key, &item.request_sha256, body).await.map(Some)
-                }
-                None => Ok(None),
+    let mut answers: Vec<Option<SubmitResponse>> = Vec::with_capacity(n);
+    let mut new_bodies = Vec::with_capacity(n);
+    for (body, seen) in bodies.into_iter().zip(before) {
+        match seen {
+            Seen::Answer(answer) => answers.push(Some(*answer)),
+            Seen::New | Seen::InFlight | Seen::OtherBody => {
+                answers.push(None);
+                new_bodies.push(body);
             }
         }
-    }))
+    }
+
+    // Every new item checked, its recipient read and its content rendered, before any is written.
+    let new: Vec<&Item> = items.iter().zip(&answers).filter(|(_, a)| a.is_none()).map(|(item, _)| item).collect();
+    let planned = join_all(
+        new.iter()
+            .zip(new_bodies)
+            .map(|(item, body)| correspondence::plan(&state, &agency, &item.key, &item.request_sha256, body)),
+    )
     .await;
-    let mut plans = Vec::with_capacity(n);
+    let mut plans = Vec::with_capacity(planned.len());
     let mut invalid = Vec::new();
-    for (i, p) in planned.into_iter().enumerate() {
+    let positions: Vec<usize> = (0..n).filter(|&i| answers[i].is_none()).collect();
+    for (&i, p) in positions.iter().zip(planned) {
         match p {
             Ok(p) => plans.push(p),
             Err(ApiError::Invalid(e)) => invalid.push(ItemProblem::new(under(i, &e.field), e.message)),
@@ -144,47 +141,46 @@ pub async fn submit(
     }
 
     // Written together with whatever else is being submitted; answered once all are committed.
-    let written = join_all(plans.into_iter().map(|p| async {
-        match p {
-            Some(p) => correspondence::write(&state, p).await,
-            None => Ok(None),
+    let written = join_all(plans.into_iter().map(|p| correspondence::write(&state, p))).await;
+    let mut claimed_alongside = Vec::new();
+    for (&i, w) in positions.iter().zip(written) {
+        match w? {
+            Some(answer) => answers[i] = Some(answer),
+            None => claimed_alongside.push(i),
         }
-    }))
-    .await;
-    let mut answers = Vec::with_capacity(n);
-    for (i, (item, w)) in items.iter().zip(written).enumerate() {
-        let answer = match w? {
-            Some(answer) => answer,
-            // Written before (a retry), or claimed by a request made alongside: its first answer.
-            None => {
-                let mut conn = state.pool.acquire().await?;
-                match correspondence::replayed(&mut conn, agency.id, &item.key, &item.request_sha256).await {
-                    Ok(Some(answer)) => answer,
-                    Ok(None) => return Err(in_progress(i, n)),
-                    Err(ApiError::Conflict { .. }) => {
-                        return Err(ApiError::Items {
-                            status: StatusCode::CONFLICT,
-                            detail: format!(
-                                "items[{i}]'s key was just used by another request with another body; \
-                                 the other items are committed, and a retry of this batch without it returns them"
-                            ),
-                            errors: vec![ItemProblem::new(format!("items[{i}].idempotency_key"), used_elsewhere())],
-                        })
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        };
-        answers.push(answer);
     }
+    // Keys a request made alongside claimed first: its answer, if it was for the same body.
+    if !claimed_alongside.is_empty() {
+        let asked: Vec<(&str, &str)> = claimed_alongside.iter().map(|&i| asked[i]).collect();
+        let now = correspondence::seen(&mut *state.pool.acquire().await?, agency.id, &asked).await?;
+        for (&i, seen) in claimed_alongside.iter().zip(now) {
+            match seen {
+                Seen::Answer(answer) => answers[i] = Some(*answer),
+                Seen::OtherBody => {
+                    return Err(ApiError::Items {
+                        status: StatusCode::CONFLICT,
+                        detail: format!(
+                            "items[{i}]'s key was just used by another request with another body; \
+                             the other items are committed, and a retry of this batch without it returns them"
+                        ),
+                        errors: vec![ItemProblem::new(format!("items[{i}].idempotency_key"), used_elsewhere())],
+                    })
+                }
+                Seen::New | Seen::InFlight => return Err(in_progress(i, n)),
+            }
+        }
+    }
+    let answers: Vec<SubmitResponse> = answers.into_iter().flatten().collect();
     tracing::info!(agency = agency.code, items = n, "batch accepted");
+    debug_assert_eq!(answers.len(), n);
     Ok((StatusCode::ACCEPTED, Json(BatchResponse { items: answers })).into_response())
 }
 
 /// Reads each item: its key (1 to 200 visible ASCII characters, unique in the batch) and its
 /// body, with the failing field of each bad one.
-fn read(raw: Vec<Value>) -> (Vec<Item>, Vec<ItemProblem>) {
+fn read(raw: Vec<Value>) -> (Vec<Item>, Vec<SubmitRequest>, Vec<ItemProblem>) {
     let mut items = Vec::with_capacity(raw.len());
+    let mut bodies = Vec::with_capacity(raw.len());
     let mut invalid = Vec::new();
     let mut first_of: HashMap<String, usize> = HashMap::new();
     for (i, mut value) in raw.into_iter().enumerate() {
@@ -215,7 +211,10 @@ fn read(raw: Vec<Value>) -> (Vec<Item>, Vec<ItemProblem>) {
             (if path == "." { String::new() } else { path }, e.into_inner().to_string())
         });
         match (key, body) {
-            (Ok(key), Ok(body)) => items.push(Item { key, request_sha256, body: Some(body) }),
+            (Ok(key), Ok(body)) => {
+                items.push(Item { key, request_sha256 });
+                bodies.push(body);
+            }
             (key, body) => {
                 if let Err(e) = key {
                     invalid.push(ItemProblem::new(format!("items[{i}].idempotency_key"), e));
@@ -226,7 +225,7 @@ fn read(raw: Vec<Value>) -> (Vec<Item>, Vec<ItemProblem>) {
             }
         }
     }
-    (items, invalid)
+    (items, bodies, invalid)
 }
 
 /// A field of item `i`: `items[3].recipient.pinfl`, or `items[3]` for the item as a whole.

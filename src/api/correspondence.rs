@@ -5,7 +5,7 @@
 //! before the `202`. Submissions that arrive together share that transaction ([`super::intake`]),
 //! each with its own claim, rows and error.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
@@ -569,42 +569,67 @@ async fn replay(
     key: &str,
     request_sha256: &str,
 ) -> ApiResult<Option<Response>> {
-    Ok(replayed(conn, agency_id, key, request_sha256).await?.map(accepted))
-}
-
-/// The first answer to a request whose key was seen, for the same body; a conflict for another
-/// body, `None` for a new key (or one whose request is still in flight).
-pub(super) async fn replayed(
-    conn: &mut PgConnection,
-    agency_id: Uuid,
-    key: &str,
-    request_sha256: &str,
-) -> ApiResult<Option<SubmitResponse>> {
-    let row: Option<(String, Option<Uuid>)> =
-        sqlx::query_as("select request_sha256, item_id from idempotency where agency_id = $1 and key = $2")
-            .bind(agency_id)
-            .bind(key)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some((stored_sha256, item_id)) = row else { return Ok(None) };
-    if stored_sha256 != request_sha256 {
-        return Err(ApiError::Conflict {
+    match seen(conn, agency_id, &[(key, request_sha256)]).await?.pop() {
+        Some(Seen::Answer(answer)) => Ok(Some(accepted(*answer))),
+        Some(Seen::OtherBody) => Err(ApiError::Conflict {
             field: Some("Idempotency-Key".into()),
             detail: "this Idempotency-Key was used with a different request body".into(),
-        });
+        }),
+        Some(Seen::New | Seen::InFlight) | None => Ok(None),
     }
-    let Some(item_id) = item_id else { return Ok(None) };
-    let (status, reference, respond_by_warning): (String, String, Option<String>) =
-        sqlx::query_as("select status, reference, respond_by_warning from item where id = $1")
-            .bind(item_id)
-            .fetch_one(&mut *conn)
-            .await?;
-    let evidence = evidence::for_item(conn, item_id)
-        .await?
-        .into_iter()
-        .find(|e| e.event == "SubmissionAcceptance")
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("item {item_id} has no SubmissionAcceptance")))?;
-    Ok(Some(SubmitResponse { id: item_id, status, reference, respond_by_warning, evidence }))
+}
+
+/// What is on record for a submission's key.
+pub(super) enum Seen {
+    /// Not seen.
+    New,
+    /// Claimed by a request still being written.
+    InFlight,
+    /// Used for another body.
+    OtherBody,
+    /// Used for the same body: its first answer.
+    Answer(Box<SubmitResponse>),
+}
+
+/// What is on record for each of these (key, request digest) pairs, in the order given: three
+/// statements however many there are.
+pub(super) async fn seen(conn: &mut PgConnection, agency_id: Uuid, asked: &[(&str, &str)]) -> ApiResult<Vec<Seen>> {
+    let keys: Vec<&str> = asked.iter().map(|(key, _)| *key).collect();
+    type Claim = (String, String, Option<Uuid>, Option<String>, Option<String>, Option<String>);
+    let claims: Vec<Claim> = sqlx::query_as(
+        "select c.key, c.request_sha256, i.id, i.status, i.reference, i.respond_by_warning
+         from idempotency c left join item i on i.id = c.item_id
+         where c.agency_id = $1 and c.key = any($2)",
+    )
+    .bind(agency_id)
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    let written: Vec<Uuid> = claims.iter().filter_map(|c| c.2).collect();
+    let mut acceptances: HashMap<Uuid, StoredEvidence> = if written.is_empty() {
+        HashMap::new()
+    } else {
+        evidence::acceptances(conn, &written).await?.into_iter().collect()
+    };
+    let mut claims: HashMap<String, Claim> = claims.into_iter().map(|c| (c.0.clone(), c)).collect();
+    asked
+        .iter()
+        .map(|(key, request_sha256)| {
+            let Some((_, stored_sha256, item, status, reference, warning)) = claims.remove(*key) else {
+                return Ok(Seen::New);
+            };
+            if stored_sha256 != *request_sha256 {
+                return Ok(Seen::OtherBody);
+            }
+            let (Some(id), Some(status), Some(reference)) = (item, status, reference) else {
+                return Ok(Seen::InFlight);
+            };
+            let evidence = acceptances
+                .remove(&id)
+                .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("item {id} has no SubmissionAcceptance")))?;
+            Ok(Seen::Answer(Box::new(SubmitResponse { id, status, reference, respond_by_warning: warning, evidence })))
+        })
+        .collect()
 }
 
 #[derive(Debug, Serialize, ToSchema)]

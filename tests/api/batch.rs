@@ -189,3 +189,38 @@ async fn a_batch_reusing_a_key_for_another_body_is_refused_whole() {
     assert!(problem["detail"].as_str().unwrap().contains("nothing was written"), "{problem}");
     assert_eq!(app.written().await, before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_batch_sent_at_once_many_times_and_its_items_alone_create_each_item_once() {
+    let app = TestApp::spawn().await;
+    let key = app.agency("court-batch-race").await;
+    let (pinfl, _) = app.citizen("3120588010306").await;
+    let items: Vec<Value> =
+        (0..30).map(|i| keyed(&format!("race-{i}"), with_reference(pinfl.as_str(), &format!("2-{i}/2026")))).collect();
+    let batches = futures_util::future::join_all((0..4).map(|_| app.submit_batch(&key, &items)));
+    let alone = futures_util::future::join_all(items.iter().step_by(3).map(|item| {
+        let mut body = item.clone();
+        let k = body.as_object_mut().unwrap().remove("idempotency_key").unwrap();
+        let (app, key) = (&app, &key);
+        async move { app.submit(key, k.as_str().unwrap(), &body).await }
+    }));
+    let (batches, alone) = tokio::join!(batches, alone);
+    let mut first: Option<Vec<Value>> = None;
+    for resp in batches {
+        assert_eq!(resp.status(), 202);
+        let ids: Vec<Value> =
+            resp.json::<Value>().await.unwrap()["items"].as_array().unwrap().iter().map(|a| a["id"].clone()).collect();
+        assert_eq!(ids.len(), 30);
+        match &first {
+            None => first = Some(ids),
+            Some(first) => assert_eq!(&ids, first),
+        }
+    }
+    let first = first.unwrap();
+    for (n, resp) in alone.into_iter().enumerate() {
+        assert_eq!(resp.status(), 202);
+        assert_eq!(resp.json::<Value>().await.unwrap()["id"], first[n * 3]);
+    }
+    assert_eq!(app.count("select count(*) from item").await, 30);
+    assert_eq!(app.count("select count(*) from evidence where event = 'SubmissionAcceptance'").await, 30);
+}
