@@ -250,15 +250,22 @@ pub async fn run(base: &Settings, o: Options) -> anyhow::Result<Report> {
     s.queue_prefix = format!("bench-{stamp}.");
     s.queue_expires_ms = Some(600_000);
     s.database.max_connections = 32;
-    crate::db::migrate(&s).await?;
-    let topology = crate::app::declare_topology(&s).await?;
-    let result = bench(&s, &o, &dir).await;
-    // Clean up, whatever happened.
-    if let Ok(conn) = crate::queue::connect(s.amqp_url.expose_secret(), "dalil-bench-cleanup").await {
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = topology.delete(&ch).await;
+    let topology = match crate::db::migrate(&s).await {
+        Ok(()) => crate::app::declare_topology(&s).await,
+        Err(e) => Err(e),
+    };
+    let result = match &topology {
+        Ok(_) => bench(&s, &o, &dir).await,
+        Err(e) => Err(anyhow::anyhow!("preparing the benchmark's database {db_name} and its queues: {e:#}")),
+    };
+    // Clean up, whatever happened (a run that could not even start leaves nothing either).
+    if let Ok(topology) = &topology {
+        if let Ok(conn) = crate::queue::connect(s.amqp_url.expose_secret(), "dalil-bench-cleanup").await {
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = topology.delete(&ch).await;
+            }
+            let _ = conn.close(200, "bye".into()).await;
         }
-        let _ = conn.close(200, "bye".into()).await;
     }
     if !o.keep {
         let admin = crate::db::connect(&s.with_database("postgres")?).await?;

@@ -79,3 +79,35 @@ async fn at_a_fixed_rate_the_benchmark_sends_for_the_time_given_and_every_item_a
     assert!(table.contains("offered at 50/s") && table.contains("10 items per request"), "{table}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_benchmark_that_cannot_start_leaves_no_database_behind() {
+    let (_, dir, mut settings) = scratch("bench-test");
+    settings.topology_file = dir.join("no-such-topology.toml");
+    let options = dalil::bench::Options {
+        items: 10,
+        seconds: None,
+        rate: None,
+        clients: 1,
+        batch: 1,
+        workers: 0,
+        ceiling_seconds: 1,
+        json: None,
+        keep: false,
+        binary: env!("CARGO_BIN_EXE_dalil").into(),
+        print: false,
+    };
+    let err = format!("{:#}", dalil::bench::run(&settings, options).await.expect_err("no topology, no run"));
+    assert!(err.contains("no-such-topology.toml"), "{err}");
+    // The database it created for the run (named in the error) is gone again.
+    let name = err.split_whitespace().find(|w| w.starts_with("dalil_bench_")).expect("the error names the database");
+    let mut c: sqlx::PgConnection =
+        sqlx::Connection::connect(&format!("{}/postgres", crate::helpers::postgres_base())).await.unwrap();
+    let left: i64 = sqlx::query_scalar("select count(*) from pg_database where datname = $1")
+        .bind(name)
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "{name} was left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
