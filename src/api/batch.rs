@@ -77,7 +77,8 @@ pub async fn submit(
     agency: Agency,
     body: JsonBody<BatchRequest>,
 ) -> ApiResult<Response> {
-    let raw = body.value.items;
+    // The parsed body as sent is not needed past here: only the items, read one by one.
+    let JsonBody { value: BatchRequest { items: raw }, .. } = body;
     if raw.is_empty() || raw.len() > MAX_BATCH_ITEMS {
         return Err(ApiError::invalid("items", format!("1 to {MAX_BATCH_ITEMS} items")));
     }
@@ -133,6 +134,7 @@ pub async fn submit(
         match p {
             Ok(p) => plans.push(p),
             Err(ApiError::Invalid(e)) => invalid.push(ItemProblem::new(under(i, &e.field), e.message)),
+            Err(ApiError::TooLarge(detail)) => return Err(ApiError::TooLarge(format!("items[{i}]: {detail}"))),
             Err(e) => return Err(e),
         }
     }
@@ -144,9 +146,24 @@ pub async fn submit(
     let written = join_all(plans.into_iter().map(|p| correspondence::write(&state, p))).await;
     let mut claimed_alongside = Vec::new();
     for (&i, w) in positions.iter().zip(written) {
-        match w? {
-            Some(answer) => answers[i] = Some(answer),
-            None => claimed_alongside.push(i),
+        match w {
+            Ok(Some(answer)) => answers[i] = Some(answer),
+            Ok(None) => claimed_alongside.push(i),
+            // Items are committed in groups: those before the failure stay, and the retry of the
+            // same batch answers them and writes the rest.
+            Err(e) => {
+                let why = match &e {
+                    ApiError::Internal(cause) => {
+                        tracing::error!(error = format!("{cause:#}"), item = i, "writing a batch failed");
+                        "an internal error".to_string()
+                    }
+                    other => other.detail(),
+                };
+                return Err(ApiError::Unavailable(format!(
+                    "writing items[{i}] failed ({why}); other items may be committed: send the same batch again, \
+                     and each item is written once"
+                )));
+            }
         }
     }
     // Keys a request made alongside claimed first: its answer, if it was for the same body.
@@ -166,13 +183,15 @@ pub async fn submit(
                         errors: vec![ItemProblem::new(format!("items[{i}].idempotency_key"), used_elsewhere())],
                     })
                 }
-                Seen::New | Seen::InFlight => return Err(in_progress(i, n)),
+                Seen::New | Seen::InFlight => return Err(in_progress(i)),
             }
         }
     }
-    let answers: Vec<SubmitResponse> = answers.into_iter().flatten().collect();
+    let answers: Vec<SubmitResponse> = answers
+        .into_iter()
+        .collect::<Option<_>>()
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("a batch item was left without an answer")))?;
     tracing::info!(agency = agency.code, items = n, "batch accepted");
-    debug_assert_eq!(answers.len(), n);
     Ok((StatusCode::ACCEPTED, Json(BatchResponse { items: answers })).into_response())
 }
 
@@ -251,12 +270,12 @@ fn used_elsewhere() -> String {
     "this key was used with a different request body".into()
 }
 
-fn in_progress(i: usize, n: usize) -> ApiError {
+fn in_progress(i: usize) -> ApiError {
     ApiError::Items {
         status: StatusCode::CONFLICT,
         detail: format!(
-            "items[{i}]'s key is held by a request in progress; the other {} items are committed, and a retry returns them",
-            n - 1
+            "items[{i}]'s key is held by a request in progress; the batch's other new items are committed, \
+             and a retry of the batch returns them"
         ),
         errors: vec![ItemProblem::new(format!("items[{i}].idempotency_key"), "a request with this key is in progress")],
     }

@@ -591,7 +591,7 @@ pub(super) enum Seen {
     Answer(Box<SubmitResponse>),
 }
 
-/// What is on record for each of these (key, request digest) pairs, in the order given: three
+/// What is on record for each of these (key, request digest) pairs, in the order given: two
 /// statements however many there are.
 pub(super) async fn seen(conn: &mut PgConnection, agency_id: Uuid, asked: &[(&str, &str)]) -> ApiResult<Vec<Seen>> {
     let keys: Vec<&str> = asked.iter().map(|(key, _)| *key).collect();

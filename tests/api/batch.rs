@@ -68,7 +68,9 @@ async fn a_retried_batch_returns_its_items_and_shares_keys_with_single_submissio
     assert_eq!(first.status(), 202);
     let first: Value = first.json().await.unwrap();
     let items = [keyed("r-1", alone), keyed("r-2", with_reference(pinfl.as_str(), "2-11/2026"))];
-    let answer: Value = app.submit_batch(&key, &items).await.json().await.unwrap();
+    let resp = app.submit_batch(&key, &items).await;
+    assert_eq!(resp.status(), 202);
+    let answer: Value = resp.json().await.unwrap();
     assert_eq!(answer["items"][0]["id"], first["id"]);
     assert_ne!(answer["items"][1]["id"], first["id"]);
     assert_eq!(app.count("select count(*) from item").await, 2);
@@ -208,9 +210,12 @@ async fn the_same_batch_sent_at_once_many_times_and_its_items_alone_create_each_
     let mut first: Option<Vec<Value>> = None;
     for resp in batches {
         assert_eq!(resp.status(), 202);
-        let ids: Vec<Value> =
-            resp.json::<Value>().await.unwrap()["items"].as_array().unwrap().iter().map(|a| a["id"].clone()).collect();
-        assert_eq!(ids.len(), 30);
+        let answers = resp.json::<Value>().await.unwrap()["items"].as_array().unwrap().clone();
+        assert_eq!(answers.len(), 30);
+        for (answer, item) in answers.iter().zip(&items) {
+            assert_eq!(answer["reference"], item["reference"]);
+        }
+        let ids: Vec<Value> = answers.iter().map(|a| a["id"].clone()).collect();
         match &first {
             None => first = Some(ids),
             Some(first) => assert_eq!(&ids, first),
@@ -223,4 +228,43 @@ async fn the_same_batch_sent_at_once_many_times_and_its_items_alone_create_each_
     }
     assert_eq!(app.count("select count(*) from item").await, 30);
     assert_eq!(app.count("select count(*) from evidence where event = 'SubmissionAcceptance'").await, 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_database_fails_half_way_says_so_and_its_retry_writes_the_rest_once() {
+    let app = TestApp::spawn().await;
+    let key = app.agency("court-batch-fault").await;
+    let (pinfl, _) = app.citizen("3120588010307").await;
+    // A fault only the database sees, while it lasts: one reference cannot be written.
+    sqlx::raw_sql(
+        "create function refuse_poison() returns trigger language plpgsql as $$
+         begin
+            if new.reference = 'poison' then raise exception 'injected fault'; end if;
+            return new;
+         end $$;
+         create trigger refuse_poison before insert on item for each row execute function refuse_poison();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let items: Vec<Value> = (0..10)
+        .map(|i| keyed(&format!("f-{i}"), with_reference(pinfl.as_str(), if i == 6 { "poison" } else { "2-40/2026" })))
+        .collect();
+    let resp = app.submit_batch(&key, &items).await;
+    assert_eq!(resp.status(), 503);
+    let problem: Value = resp.json().await.unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("items[6]") && detail.contains("send the same batch again"), "{detail}");
+    // Each of the others was written (alone, once the shared statement failed); the poisoned
+    // one left nothing, not even its key.
+    assert_eq!(app.count("select count(*) from item").await, 9);
+    assert_eq!(app.count("select count(*) from idempotency where key = 'f-6'").await, 0);
+
+    sqlx::raw_sql("drop trigger refuse_poison on item").execute(&app.pool).await.unwrap();
+    let resp = app.submit_batch(&key, &items).await;
+    assert_eq!(resp.status(), 202);
+    let answers: Value = resp.json().await.unwrap();
+    assert_eq!(answers["items"][6]["reference"], "poison");
+    assert_eq!(app.count("select count(*) from item").await, 10);
+    assert_eq!(app.count("select count(*) from evidence where event = 'SubmissionAcceptance'").await, 10);
 }
