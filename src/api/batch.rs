@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::future::join_all;
+use futures_util::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -119,17 +119,21 @@ pub async fn submit(
         }
     }
 
+    // A batch shares the grouped reads and writes with everyone else's requests, so it never
+    // has more in their queues than they take at once: a request made meanwhile waits for at
+    // most that much of the batch, not for all of it.
+    let at_once = state.settings.api.group_items.max(1) * state.settings.api.group_concurrency.max(1);
+
     // Every new item checked, its recipient read and its content rendered, before any is written.
-    let new: Vec<&Item> = items.iter().zip(&answers).filter(|(_, a)| a.is_none()).map(|(item, _)| item).collect();
-    let planned = join_all(
-        new.iter()
-            .zip(new_bodies)
-            .map(|(item, body)| correspondence::plan(&state, &agency, &item.key, &item.request_sha256, body)),
-    )
-    .await;
+    let positions: Vec<usize> = (0..n).filter(|&i| answers[i].is_none()).collect();
+    let (state, agency, items) = (&state, &agency, &items);
+    let planned: Vec<_> = stream::iter(positions.iter().copied().zip(new_bodies))
+        .map(|(i, body)| correspondence::plan(state, agency, &items[i].key, &items[i].request_sha256, body))
+        .buffered(at_once)
+        .collect()
+        .await;
     let mut plans = Vec::with_capacity(planned.len());
     let mut invalid = Vec::new();
-    let positions: Vec<usize> = (0..n).filter(|&i| answers[i].is_none()).collect();
     for (&i, p) in positions.iter().zip(planned) {
         match p {
             Ok(p) => plans.push(p),
@@ -143,7 +147,8 @@ pub async fn submit(
     }
 
     // Written together with whatever else is being submitted; answered once all are committed.
-    let written = join_all(plans.into_iter().map(|p| correspondence::write(&state, p))).await;
+    let written: Vec<_> =
+        stream::iter(plans).map(|p| correspondence::write(state, p)).buffered(at_once).collect().await;
     let mut claimed_alongside = Vec::new();
     for (&i, w) in positions.iter().zip(written) {
         match w {

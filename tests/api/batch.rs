@@ -268,3 +268,60 @@ async fn a_batch_the_database_fails_half_way_says_so_and_its_retry_writes_the_re
     assert_eq!(app.count("select count(*) from item").await, 10);
     assert_eq!(app.count("select count(*) from evidence where event = 'SubmissionAcceptance'").await, 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_made_during_a_batch_waits_for_a_share_of_it_not_all_of_it() {
+    // Groups of 4, one at a time: a batch has at most 4 items in the intake at once.
+    let options = crate::helpers::Options {
+        tweak: |s| {
+            s.api.group_items = 4;
+            s.api.group_concurrency = 1;
+        },
+        ..Default::default()
+    };
+    let app = TestApp::spawn_with(options).await;
+    let key = app.agency("court-batch-fair").await;
+    let (pinfl, _) = app.citizen("3120588010308").await;
+    let items: Vec<Value> =
+        (0..120).map(|i| keyed(&format!("fair-{i}"), with_reference(pinfl.as_str(), &format!("2-{i}/2026")))).collect();
+
+    // The batch's first group waits on a lock of the keys' table (nothing but a submission
+    // writes it) while a single submission arrives; the lock goes half a second later.
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("lock table idempotency in share mode").execute(&mut *lock).await.unwrap();
+    let batch = app.submit_batch(&key, &items);
+    let single = async {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while app
+            .count(
+                "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
+            )
+            .await
+            == 0
+        {
+            assert!(tokio::time::Instant::now() < deadline, "the batch never waited for the lock");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let body = with_reference(pinfl.as_str(), "single");
+        let single = app.submit(&key, "fair-single", &body);
+        let release = async move {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            lock.rollback().await.unwrap();
+        };
+        tokio::join!(single, release).0
+    };
+    let (batch, single) = tokio::join!(batch, single);
+    assert_eq!(batch.status(), 202);
+    assert_eq!(single.status(), 202);
+    // Written in the order their transactions began (a transaction's id is taken at its
+    // first write): the single submission went in after the batch's first group, ahead of the
+    // rest of the batch, instead of after all 120.
+    let later = app
+        .count(
+            "select count(*) from item where reference <> 'single'
+               and xmin::text::bigint > (select xmin::text::bigint from item where reference = 'single')",
+        )
+        .await;
+    assert!(later >= 100, "only {later} of the batch's 120 items were written after the single submission");
+    assert_eq!(app.count("select count(*) from item").await, 121);
+}
