@@ -39,8 +39,8 @@ pub struct BatchRequest {
     pub items: Vec<Value>,
 }
 
-/// One item of a batch (documentation only: items are read one by one, so that an error names
-/// the item).
+/// One item of a batch: a `POST /v1/correspondence` body with its `idempotency_key`.
+// For the OpenAPI document only: items are read one by one, so that an error names the item.
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct BatchItem {
