@@ -70,7 +70,8 @@ struct Item {
         (status = 401, description = "Missing or invalid API key", body = super::error::Problem),
         (status = 409, description = "Keys used before for other bodies, each in `errors`; nothing written", body = super::error::Problem),
         (status = 413, description = "Body too large", body = super::error::Problem),
-        (status = 422, description = "Invalid items, each in `errors` with its field (`items[3].reference`); nothing written", body = super::error::Problem)),
+        (status = 422, description = "Invalid items, each in `errors` with its field (`items[3].reference`); nothing written", body = super::error::Problem),
+        (status = 503, description = "Writing failed part way (`detail` names the item): other items may be committed; send the same batch again", body = super::error::Problem)),
     security(("agency_key" = [])))]
 pub async fn submit(
     State(state): State<AppState>,
