@@ -286,7 +286,9 @@ async fn a_submission_made_during_a_batch_waits_for_a_share_of_it_not_all_of_it(
         (0..120).map(|i| keyed(&format!("fair-{i}"), with_reference(pinfl.as_str(), &format!("2-{i}/2026")))).collect();
 
     // The batch's first group waits on a lock of the keys' table (nothing but a submission
-    // writes it) while a single submission arrives; the lock goes half a second later.
+    // writes it) while a single submission arrives; the lock goes 3 s later, time enough for
+    // the single one's request to be read, checked and queued even on a loaded machine (the
+    // test suite runs in parallel).
     let mut lock = app.pool.begin().await.unwrap();
     sqlx::query("lock table idempotency in share mode").execute(&mut *lock).await.unwrap();
     let batch = app.submit_batch(&key, &items);
@@ -305,7 +307,7 @@ async fn a_submission_made_during_a_batch_waits_for_a_share_of_it_not_all_of_it(
         let body = with_reference(pinfl.as_str(), "single");
         let single = app.submit(&key, "fair-single", &body);
         let release = async move {
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
             lock.rollback().await.unwrap();
         };
         tokio::join!(single, release).0
@@ -313,13 +315,14 @@ async fn a_submission_made_during_a_batch_waits_for_a_share_of_it_not_all_of_it(
     let (batch, single) = tokio::join!(batch, single);
     assert_eq!(batch.status(), 202);
     assert_eq!(single.status(), 202);
-    // Written in the order their transactions began (a transaction's id is taken at its
-    // first write): the single submission went in after the batch's first group, ahead of the
-    // rest of the batch, instead of after all 120.
+    // Written in the order their transactions began (a transaction's id is taken at its first
+    // write, and nothing updates a key's row, so it keeps its writer's): the single submission
+    // went in after the batch's first group, ahead of the rest of the batch, instead of after
+    // all 120.
     let later = app
         .count(
-            "select count(*) from item where reference <> 'single'
-               and xmin::text::bigint > (select xmin::text::bigint from item where reference = 'single')",
+            "select count(*) from idempotency where key <> 'fair-single'
+               and xmin::text::bigint > (select xmin::text::bigint from idempotency where key = 'fair-single')",
         )
         .await;
     assert!(later >= 100, "only {later} of the batch's 120 items were written after the single submission");
