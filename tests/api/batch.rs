@@ -236,17 +236,7 @@ async fn a_batch_the_database_fails_half_way_says_so_and_its_retry_writes_the_re
     let key = app.agency("court-batch-fault").await;
     let (pinfl, _) = app.citizen("3120588010307").await;
     // A fault only the database sees, while it lasts: one reference cannot be written.
-    sqlx::raw_sql(
-        "create function refuse_poison() returns trigger language plpgsql as $$
-         begin
-            if new.reference = 'poison' then raise exception 'injected fault'; end if;
-            return new;
-         end $$;
-         create trigger refuse_poison before insert on item for each row execute function refuse_poison();",
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    app.refuse_poison().await;
     let items: Vec<Value> = (0..10)
         .map(|i| keyed(&format!("f-{i}"), with_reference(pinfl.as_str(), if i == 6 { "poison" } else { "2-40/2026" })))
         .collect();
@@ -293,17 +283,7 @@ async fn a_submission_made_during_a_batch_waits_for_a_share_of_it_not_all_of_it(
     sqlx::query("lock table idempotency in share mode").execute(&mut *lock).await.unwrap();
     let batch = app.submit_batch(&key, &items);
     let single = async {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while app
-            .count(
-                "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
-            )
-            .await
-            == 0
-        {
-            assert!(tokio::time::Instant::now() < deadline, "the batch never waited for the lock");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        app.wait_for_a_lock_wait("the batch").await;
         let body = with_reference(pinfl.as_str(), "single");
         let single = app.submit(&key, "fair-single", &body);
         let release = async move {

@@ -25,17 +25,7 @@ async fn submit_together(app: &TestApp, api_key: &str, keys: &[String], bodies: 
     first["reference"] = "the first".into();
     let blocked = app.submit(api_key, "the-first", &first);
     let rest = async {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while app
-            .count(
-                "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
-            )
-            .await
-            == 0
-        {
-            assert!(tokio::time::Instant::now() < deadline, "the first submission never waited for the lock");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        app.wait_for_a_lock_wait("the first submission").await;
         let others = futures_util::future::join_all(keys.iter().zip(bodies).map(|(k, b)| app.submit(api_key, k, b)));
         let release = async move {
             tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
@@ -112,17 +102,7 @@ async fn a_submission_that_fails_to_write_fails_alone() {
     let key = app.agency("court-gf").await;
     let (pinfl, _) = app.citizen("3120588010032").await;
     // A fault only the database sees: one reference cannot be written.
-    sqlx::raw_sql(
-        "create function refuse_poison() returns trigger language plpgsql as $$
-         begin
-            if new.reference = 'poison' then raise exception 'injected fault'; end if;
-            return new;
-         end $$;
-         create trigger refuse_poison before insert on item for each row execute function refuse_poison();",
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    app.refuse_poison().await;
     let n = 30;
     let poison = 17;
     let bodies: Vec<Value> = (0..n)

@@ -241,6 +241,37 @@ impl TestApp {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }
 
+    /// A fault only the database sees, until the trigger `refuse_poison` on `item` is dropped:
+    /// an item with the reference `poison` cannot be written.
+    pub async fn refuse_poison(&self) {
+        sqlx::raw_sql(
+            "create function refuse_poison() returns trigger language plpgsql as $$
+             begin
+                if new.reference = 'poison' then raise exception 'injected fault'; end if;
+                return new;
+             end $$;
+             create trigger refuse_poison before insert on item for each row execute function refuse_poison();",
+        )
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
+    /// Waits until a connection to this app's database waits for a lock.
+    pub async fn wait_for_a_lock_wait(&self, who: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self
+            .count(
+                "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
+            )
+            .await
+            == 0
+        {
+            assert!(tokio::time::Instant::now() < deadline, "{who} never waited for the lock");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Rows in every table a submission writes.
     pub async fn written(&self) -> i64 {
         self.count(
