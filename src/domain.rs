@@ -285,6 +285,35 @@ impl Kind {
     }
 }
 
+/// Which delivery queues an item travels in (DESIGN invariant 5). Each channel has a queue per
+/// lane and workers consume both at once, so a flood in the bulk lane (a batch of thousands)
+/// never stands ahead of an item sent on its own in the standard lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum Lane {
+    #[default]
+    Standard,
+    Bulk,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Standard => "standard",
+            Lane::Bulk => "bulk",
+        }
+    }
+
+    /// The routing key of a channel's work in this lane: `sms`, `sms.bulk`.
+    pub fn routing_key(self, channel: &str) -> String {
+        match self {
+            Lane::Standard => channel.to_string(),
+            Lane::Bulk => format!("{channel}.bulk"),
+        }
+    }
+}
+
 /// Languages that templates are written in (BCP 47 tags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Language {

@@ -10,6 +10,8 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::domain::Lane;
+
 /// What Dalil queues: "do this attempt", "make this callback". It carries ids, never content.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -47,6 +49,9 @@ pub struct QueueSpec {
     pub name: String,
     /// The delivery channel this queue feeds, for delivery queues.
     pub channel: Option<String>,
+    /// The lane of a delivery queue; none is the standard lane.
+    #[serde(default)]
+    pub lane: Option<Lane>,
     /// The delay, for retry queues.
     pub retry_delay_ms: Option<u64>,
     pub bindings: Vec<Binding>,
@@ -106,9 +111,16 @@ impl Topology {
         format!("{}{raw}", self.prefix)
     }
 
-    /// The queue that feeds a channel.
-    pub fn channel_queue(&self, channel: &str) -> Option<String> {
-        self.queues.iter().find(|q| q.channel.as_deref() == Some(channel)).map(|q| self.name(&q.name))
+    /// The queues that feed a channel, one per lane, the standard lane first.
+    pub fn channel_queues(&self, channel: &str) -> Vec<(String, Lane)> {
+        let mut queues: Vec<(String, Lane)> = self
+            .queues
+            .iter()
+            .filter(|q| q.channel.as_deref() == Some(channel))
+            .map(|q| (self.name(&q.name), q.lane.unwrap_or_default()))
+            .collect();
+        queues.sort_by_key(|(_, lane)| *lane != Lane::Standard);
+        queues
     }
 
     /// Retry queues, shortest delay first: (unprefixed name, delay).
@@ -274,7 +286,20 @@ mod tests {
     #[test]
     fn the_shipped_topology_is_consistent() {
         let t = Topology::load(Path::new("queues/topology.toml"), "p.", None).unwrap();
-        assert_eq!(t.channel_queue("inbox").as_deref(), Some("p.delivery.inbox"));
+        for channel in crate::channels::KNOWN_CHANNELS {
+            // One queue per lane, each bound with the key that lane's work is published with.
+            let queues = t.channel_queues(channel);
+            let lanes: Vec<Lane> = queues.iter().map(|(_, lane)| *lane).collect();
+            assert_eq!(lanes, vec![Lane::Standard, Lane::Bulk], "{channel}");
+            for (name, lane) in queues {
+                let spec = t.queues.iter().find(|q| t.name(&q.name) == name).unwrap();
+                let keys: Vec<&str> = spec.bindings.iter().map(|b| b.key.as_str()).collect();
+                assert_eq!(keys, vec![lane.routing_key(channel).as_str()], "{name}");
+                assert_eq!(spec.arguments, t.queues.iter().find(|q| q.name == "delivery.inbox").unwrap().arguments);
+            }
+        }
+        assert_eq!(t.channel_queues("inbox")[0].0, "p.delivery.inbox");
+        assert_eq!(t.channel_queues("webhooks"), vec![("p.webhooks".to_string(), Lane::Standard)]);
         let ladder: Vec<u64> = t.retry_ladder().into_iter().map(|(_, d)| d).collect();
         assert_eq!(ladder, vec![5_000, 30_000, 300_000, 3_600_000]);
         for q in t.queues.iter().filter(|q| q.channel.is_some()) {

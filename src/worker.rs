@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -28,6 +27,7 @@ use uuid::Uuid;
 use crate::channels::{self, Channel, ChannelError, Job, Sent};
 use crate::config::Settings;
 use crate::db::Kept;
+use crate::domain::Lane;
 use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence};
 use crate::queue::{self, Envelope, Topology, RETRY_EXCHANGE, RETRY_HEADER};
 
@@ -148,6 +148,7 @@ struct JobRow {
     step_id: Uuid,
     recipient_id: Uuid,
     status: String,
+    lane: Lane,
     #[sqlx(flatten)]
     item: ItemContext,
     notice_address: Option<String>,
@@ -176,6 +177,7 @@ impl JobRow {
             step_id: self.step_id,
             recipient_id: self.recipient_id,
             item: self.item,
+            lane: self.lane,
             notice,
         };
         (job, self.status)
@@ -189,7 +191,7 @@ impl JobRow {
 /// cached on a new database"). The exception is a table analyzed while it held about a page,
 /// which may be scanned per id until its next ANALYZE replans this. Planned once, not per batch.
 const JOB_QUERY: &str = "select j.* from unnest($1::uuid[]) as x(id) cross join lateral (
-     select a.id as attempt_id, a.step_id, i.recipient_id, a.status,
+     select a.id as attempt_id, a.step_id, i.recipient_id, a.status, i.lane,
         i.id as item_id, ag.id as agency_id, ag.code as agency_code, i.kind, i.reference,
         case when r.pinfl is not null then 'pinfl' else 'tin' end as recipient_scheme,
         coalesce(r.pinfl, r.tin) as recipient_value, i.policy_id, i.policy_version,
@@ -414,7 +416,8 @@ struct ChannelHandler {
     pool: PgPool,
     /// The connections its batches keep between them, one per batch in flight.
     conns: Kept,
-    channel: Box<dyn Channel>,
+    /// Shared by the lanes' consumers: one provider, one rate limit, one SMTP pool.
+    channel: Arc<dyn Channel>,
 }
 
 impl Handler for ChannelHandler {
@@ -478,19 +481,30 @@ pub async fn run(
     channel_names: Vec<String>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut tasks = Vec::new();
+    let mut consumers = Vec::new();
     for name in channel_names {
-        let handler: Arc<dyn Handler> = if name == queue::CALLBACKS {
+        let queues = topology.channel_queues(&name);
+        anyhow::ensure!(!queues.is_empty(), "no queue for {name} in the topology");
+        if name == queue::CALLBACKS {
             let timeout = Duration::from_millis(settings.callbacks.timeout_ms);
-            Arc::new(crate::callbacks::Caller::new(pool.clone(), timeout)?)
-        } else {
-            Arc::new(ChannelHandler {
+            let caller: Arc<dyn Handler> = Arc::new(crate::callbacks::Caller::new(pool.clone(), timeout)?);
+            consumers.extend(queues.into_iter().map(|(queue, _)| (queue, caller.clone())));
+            continue;
+        }
+        // A consumer per lane, each with its own prefetch, batches and connections: the bulk
+        // lane's backlog never stands ahead of the standard lane's work (DESIGN invariant 5).
+        let channel: Arc<dyn Channel> = Arc::from(channels::build(&name, &settings, &pool)?);
+        for (queue, _lane) in queues {
+            let handler = ChannelHandler {
                 pool: pool.clone(),
                 conns: Kept::new(pool.clone(), batches_at_once(&settings, &name)),
-                channel: channels::build(&name, &settings, &pool)?,
-            })
-        };
-        let queue = topology.channel_queue(&name).with_context(|| format!("no queue for {name} in the topology"))?;
+                channel: channel.clone(),
+            };
+            consumers.push((queue, Arc::new(handler) as Arc<dyn Handler>));
+        }
+    }
+    let mut tasks = Vec::new();
+    for (queue, handler) in consumers {
         let (settings, topology, cancel) = (settings.clone(), topology.clone(), cancel.clone());
         tasks.push(tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);

@@ -10,6 +10,10 @@
 //! and nothing is written. A batch that passes is written through the same group commit as
 //! single submissions ([`super::intake`]), each item with its own claim, rows and evidence, and
 //! answered `202` once every item is committed, one answer per item in the order sent.
+//!
+//! The items of a batch travel in the bulk lane (DESIGN invariant 5): their delivery queues are
+//! not the ones items sent on their own travel in, so a batch of thousands never stands ahead
+//! of another agency's summons.
 
 use std::collections::HashMap;
 
@@ -26,6 +30,7 @@ use super::auth::Agency;
 use super::correspondence::{self, Seen, SubmitRequest, SubmitResponse};
 use super::error::ItemProblem;
 use super::{ApiError, ApiResult, AppState, JsonBody};
+use crate::domain::Lane;
 use crate::evidence;
 
 /// Items in one batch, at most.
@@ -129,7 +134,7 @@ pub async fn submit(
     let positions: Vec<usize> = (0..n).filter(|&i| answers[i].is_none()).collect();
     let (state, agency, items) = (&state, &agency, &items);
     let planned: Vec<_> = stream::iter(positions.iter().copied().zip(new_bodies))
-        .map(|(i, body)| correspondence::plan(state, agency, &items[i].key, &items[i].request_sha256, body))
+        .map(|(i, body)| correspondence::plan(state, agency, &items[i].key, &items[i].request_sha256, body, Lane::Bulk))
         .buffered(at_once)
         .collect()
         .await;
@@ -231,10 +236,21 @@ fn read(raw: Vec<Value>) -> (Vec<Item>, Vec<SubmitRequest>, Vec<ItemProblem>) {
         // What a replay compares: the item without its key, as `POST /v1/correspondence` would
         // have had it.
         let request_sha256 = evidence::sha256_hex(&crate::jcs::to_vec(&value));
-        let body = serde_path_to_error::deserialize::<_, SubmitRequest>(&value).map_err(|e| {
-            let path = e.path().to_string();
-            (if path == "." { String::new() } else { path }, e.into_inner().to_string())
-        });
+        let body = serde_path_to_error::deserialize::<_, SubmitRequest>(&value)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                (if path == "." { String::new() } else { path }, e.into_inner().to_string())
+            })
+            .and_then(|body| match body.lane {
+                // A batch is the flood the bulk lane keeps away from items sent on their own.
+                Some(Lane::Standard) => Err((
+                    "lane".to_string(),
+                    "the items of a batch travel in the bulk lane: send an item that must not wait behind \
+                     bulk sends on its own, with POST /v1/correspondence"
+                        .to_string(),
+                )),
+                _ => Ok(body),
+            });
         match (key, body) {
             (Ok(key), Ok(body)) => {
                 items.push(Item { key, request_sha256 });

@@ -22,7 +22,7 @@ use uuid::Uuid;
 use super::auth::Agency;
 use super::lookup::Recipient;
 use super::{intake, ApiError, ApiResult, AppState, JsonBody};
-use crate::domain::{Kind, Language, RecipientId};
+use crate::domain::{Kind, Lane, Language, RecipientId};
 use crate::evidence::{self, Actor, Event, ItemContext, NewEvidence, StoredEvidence};
 use crate::policy::ServiceRule;
 use crate::queue::{Envelope, DELIVERY_EXCHANGE};
@@ -51,6 +51,12 @@ pub struct SubmitRequest {
     /// When the recipient must respond by (RFC 3339); must be in the future.
     #[serde(default)]
     pub respond_by: Option<DateTime<Utc>>,
+    /// Which delivery queues the item travels in. `standard` (the default of a single
+    /// submission) or `bulk` (every item of a batch): each channel has a queue per lane, served
+    /// side by side, so items sent in bulk never stand ahead of those sent one by one. Send a
+    /// campaign of single submissions as `bulk` so that it does not stand ahead of others'.
+    #[serde(default)]
+    pub lane: Option<Lane>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -257,7 +263,7 @@ async fn accept(
     request_sha256: &str,
     body: SubmitRequest,
 ) -> ApiResult<Option<Response>> {
-    let planned = plan(state, agency, key, request_sha256, body).await?;
+    let planned = plan(state, agency, key, request_sha256, body, Lane::Standard).await?;
     Ok(write(state, planned).await?.map(accepted))
 }
 
@@ -268,14 +274,17 @@ pub(super) struct Planned {
 }
 
 /// Everything a submission needs before it is written: the checks, the recipient, the
-/// rendering, the notices, the steps and the SubmissionAcceptance record.
+/// rendering, the notices, the steps and the SubmissionAcceptance record. `lane` is where the
+/// item travels unless its body names a lane.
 pub(super) async fn plan(
     state: &AppState,
     agency: &Agency,
     key: &str,
     request_sha256: &str,
     body: SubmitRequest,
+    lane: Lane,
 ) -> ApiResult<Planned> {
+    let lane = body.lane.unwrap_or(lane);
     let p = prepare(body)?;
     // Read with the recipients of submissions made alongside (`super::lookup`).
     let recipient = state.lookups.recipient(p.recipient.clone()).await?;
@@ -455,6 +464,7 @@ pub(super) async fn plan(
         deemed_after: deemed.map(|d| d.after.interval()),
         deemed_rule,
         respond_by_warning,
+        lane,
         attachments: p.attachments,
         notices,
         steps,
@@ -529,7 +539,8 @@ pub async fn start_step(
 }
 
 /// Starts steps of one item now, in one statement: their first attempts, and the messages
-/// (through the outbox) that make workers take them. Returns the attempt ids.
+/// (through the outbox) that make workers take them, in the item's lane. Returns the attempt
+/// ids. The routing key is the lane's, as [`crate::domain::Lane::routing_key`] makes it.
 pub async fn start_steps(
     conn: &mut PgConnection,
     item_id: Uuid,
@@ -548,7 +559,9 @@ pub async fn start_steps(
             from unnest($2::uuid[], $3::uuid[], $4::text[]) as x(id, step_id, channel)
          )
          insert into outbox (exchange, routing_key, message_id, payload)
-         select $5, channel, id, payload from unnest($2::uuid[], $4::text[], $6::jsonb[]) as y(id, channel, payload)",
+         select $5, case i.lane when 'bulk' then y.channel || '.bulk' else y.channel end, y.id, y.payload
+         from unnest($2::uuid[], $4::text[], $6::jsonb[]) as y(id, channel, payload), item i
+         where i.id = $1",
     )
     .bind(item_id)
     .bind(&attempt_ids)
@@ -686,6 +699,8 @@ pub struct ItemView {
     pub subject: String,
     /// accepted → consigned → opened → served; or failed, undeliverable, recalled.
     pub status: String,
+    /// standard or bulk: the delivery queues it travels in.
+    pub lane: String,
     #[schema(value_type = Object)]
     pub recipient: Value,
     pub respond_by: Option<DateTime<Utc>>,
@@ -736,6 +751,7 @@ struct ItemRow {
     reference: String,
     subject: String,
     status: String,
+    lane: String,
     pinfl: Option<String>,
     tin: Option<String>,
     respond_by: Option<DateTime<Utc>>,
@@ -766,7 +782,7 @@ pub async fn get_one(
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     let mut conn = state.pool.acquire().await?;
     let row: Option<ItemRow> = sqlx::query_as(
-        "select i.id, i.kind, i.template, i.language, i.reference, i.subject, i.status, r.pinfl, r.tin,
+        "select i.id, i.kind, i.template, i.language, i.reference, i.subject, i.status, i.lane, r.pinfl, r.tin,
                 i.respond_by, i.created_at, i.content_sha256, i.policy_id, i.policy_version,
                 i.served_at, i.served_rule, i.served_evidence, i.respond_by_warning, i.digital_consent,
                 i.deemed_rule, i.recalled_at, i.recall_reason
@@ -823,6 +839,7 @@ pub async fn get_one(
         reference: row.reference,
         subject: row.subject,
         status: row.status,
+        lane: row.lane,
         recipient,
         respond_by: row.respond_by,
         respond_by_warning: row.respond_by_warning,

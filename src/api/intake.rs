@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::correspondence::{AttachmentDigest, Notice};
 use crate::db::Kept;
+use crate::domain::Lane;
 use crate::evidence::{self, Appended, ItemContext, NewEvidence};
 use crate::group::{self, Group, Limits, Pending};
 use crate::queue::{Envelope, DELIVERY_EXCHANGE};
@@ -41,6 +42,8 @@ pub struct Row {
     pub deemed_after: Option<String>,
     pub deemed_rule: Option<Value>,
     pub respond_by_warning: Option<String>,
+    /// Which delivery queues its attempts travel in.
+    pub lane: Lane,
     pub attachments: Vec<(AttachmentDigest, Vec<u8>)>,
     pub notices: Vec<Notice>,
     pub steps: Vec<Step>,
@@ -163,7 +166,9 @@ async fn write(conns: &Kept, rows: &[&Row]) -> sqlx::Result<Vec<Option<Appended>
         .bind(&cols.at_item)
         .bind(&cols.at_channel)
         .bind(&cols.at_envelope)
-        .bind(DELIVERY_EXCHANGE);
+        .bind(DELIVERY_EXCHANGE)
+        .bind(&cols.lanes)
+        .bind(&cols.at_route);
     let mut conn = conns.acquire().await?;
     let claimed: Vec<Uuid> =
         evidence.bind(q).fetch_all(&mut *conn).await?.iter().map(|r| sqlx::Row::get(r, 0)).collect();
@@ -195,6 +200,7 @@ struct Columns<'a> {
     deemed_after: Vec<Option<&'a str>>,
     deemed_rule: Vec<Option<sqlx::types::Json<&'a Value>>>,
     respond_by_warning: Vec<Option<&'a str>>,
+    lanes: Vec<&'static str>,
     att_item: Vec<Uuid>,
     att_n: Vec<i32>,
     att_name: Vec<&'a str>,
@@ -221,6 +227,7 @@ struct Columns<'a> {
     at_item: Vec<Uuid>,
     at_channel: Vec<&'a str>,
     at_envelope: Vec<sqlx::types::Json<&'a Envelope>>,
+    at_route: Vec<String>,
 }
 
 impl<'a> Columns<'a> {
@@ -248,6 +255,7 @@ impl<'a> Columns<'a> {
             c.deemed_after.push(r.deemed_after.as_deref());
             c.deemed_rule.push(r.deemed_rule.as_ref().map(sqlx::types::Json));
             c.respond_by_warning.push(r.respond_by_warning.as_deref());
+            c.lanes.push(r.lane.as_str());
             for (d, data) in &r.attachments {
                 c.att_item.push(id);
                 c.att_n.push(d.n);
@@ -281,6 +289,7 @@ impl<'a> Columns<'a> {
                 c.at_item.push(id);
                 c.at_channel.push(&a.channel);
                 c.at_envelope.push(sqlx::types::Json(&a.envelope));
+                c.at_route.push(r.lane.routing_key(&a.channel));
             }
         }
         c
@@ -288,7 +297,7 @@ impl<'a> Columns<'a> {
 }
 
 /// Submissions in one statement: the keys' claims, then, for each item whose key it claimed,
-/// the item and what it needs, and (after these 47 parameters) its evidence and callbacks.
+/// the item and what it needs, and (after these 49 parameters) its evidence and callbacks.
 /// When a concurrent request with the same key committed first (the claim waited on its row
 /// lock), or the same key came twice in this batch, the claim returns nothing for that item,
 /// and so does every insert that reads from it.
@@ -301,15 +310,16 @@ static SUBMIT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
          ), it as (
             insert into item (id, agency_id, recipient_id, kind, template, language, reference, personalisation,
                               subject, content_html, content_sha256, respond_by, policy_id, policy_version, status,
-                              digital_consent, deemed_after, deemed_rule, respond_by_warning)
+                              digital_consent, deemed_after, deemed_rule, respond_by_warning, lane)
             select x.id, x.agency_id, x.recipient_id, x.kind, x.template, x.language, x.reference, x.personalisation,
                    x.subject, x.html, x.sha, x.respond_by, x.policy_id, x.policy_version, 'accepted', x.consent,
-                   x.deemed_after::interval, x.deemed_rule, x.warning
+                   x.deemed_after::interval, x.deemed_rule, x.warning, x.lane
             from unnest($1::uuid[], $2::uuid[], $5::uuid[], $6::text[], $7::text[], $8::text[], $9::text[],
                         $10::jsonb[], $11::text[], $12::text[], $13::text[], $14::timestamptz[], $15::text[],
-                        $16::int[], $17::bool[], $18::text[], $19::jsonb[], $20::text[])
+                        $16::int[], $17::bool[], $18::text[], $19::jsonb[], $20::text[], $48::text[])
                  as x(id, agency_id, recipient_id, kind, template, language, reference, personalisation, subject,
-                      html, sha, respond_by, policy_id, policy_version, consent, deemed_after, deemed_rule, warning)
+                      html, sha, respond_by, policy_id, policy_version, consent, deemed_after, deemed_rule, warning,
+                      lane)
             where x.id in (select item_id from claim)
             returning id
          ), att as (
@@ -340,11 +350,11 @@ static SUBMIT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             where x.item_id in (select id from it)
          ), ob as (
             insert into outbox (exchange, routing_key, message_id, payload)
-            select $47, x.channel, x.id, x.payload
-            from unnest($42::uuid[], $44::uuid[], $45::text[], $46::jsonb[]) as x(id, item_id, channel, payload)
+            select $47, x.route, x.id, x.payload
+            from unnest($42::uuid[], $44::uuid[], $49::text[], $46::jsonb[]) as x(id, item_id, route, payload)
             where x.item_id in (select id from it)
          ), {}
          select item_id from claim",
-        evidence::ctes(47, "x.item_id in (select it.id from it)")
+        evidence::ctes(49, "x.item_id in (select it.id from it)")
     )
 });

@@ -7,6 +7,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::config::Settings;
+use crate::domain::Lane;
 use crate::evidence::{Event, ItemContext};
 
 pub mod email;
@@ -24,6 +25,8 @@ pub struct Job {
     pub step_id: Uuid,
     pub recipient_id: Uuid,
     pub item: ItemContext,
+    /// The item's lane: a provider's rate is given to the standard lane first.
+    pub lane: Lane,
     /// The notice fixed at submission for this channel (SMS and email), loaded with the job.
     pub notice: Option<Notice>,
 }

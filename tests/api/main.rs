@@ -11,6 +11,7 @@ mod faults;
 mod group_commit;
 mod helpers;
 mod idempotency;
+mod lanes;
 mod notices;
 mod operations;
 mod policies;

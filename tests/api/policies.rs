@@ -152,6 +152,34 @@ async fn an_unopened_summons_escalates_to_a_letter_then_is_deemed_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_items_later_steps_stay_in_the_bulk_lane() {
+    let app = TestApp::spawn().await;
+    operator(&app).await;
+    let key = app.agency("court-escalate-bulk").await;
+    let (pinfl, _) = consenting_recipient(&app, "3010190123457").await;
+    let mut body = summons(&pinfl);
+    body["lane"] = "bulk".into();
+    let id = submitted(&app, &key, "eb-1", &body).await;
+    app.wait_for_status(&key, &id, &["consigned"]).await;
+
+    // The letter, started by its timer days later, is queued in the item's lane and worked there.
+    make_due(&app, &id, "escalate").await;
+    wait_until("the letter is ready", async || {
+        app.count(&format!("select count(*) from letter where item_id = '{id}'")).await == 1
+    })
+    .await;
+    let routes: Vec<String> = sqlx::query_scalar(
+        "select o.routing_key from outbox o join attempt a on a.id = o.message_id
+         where a.item_id = $1::uuid order by o.routing_key",
+    )
+    .bind(&id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(routes, ["inbox.bulk", "postal.bulk"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_opened_summons_does_not_escalate() {
     let app = TestApp::spawn().await;
     operator(&app).await;
