@@ -39,7 +39,8 @@ pub const MAX_BATCH_ITEMS: usize = 1000;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
-    /// 1 to 1,000 items, each a `POST /v1/correspondence` body with an `idempotency_key`.
+    /// 1 to 1,000 items, each a `POST /v1/correspondence` body with an `idempotency_key`. They
+    /// travel in the bulk lane: `lane` may be left out or be `bulk`, not `standard`.
     #[schema(value_type = Vec<BatchItem>)]
     pub items: Vec<Value>,
 }

@@ -896,6 +896,8 @@ pub struct ListEntry {
     pub kind: String,
     pub reference: String,
     pub status: String,
+    /// standard or bulk
+    pub lane: String,
     pub created_at: DateTime<Utc>,
     pub served_at: Option<DateTime<Utc>>,
 }
@@ -948,7 +950,7 @@ pub async fn list(
         .transpose()?;
 
     let mut b = sqlx::QueryBuilder::new(
-        "select id, kind, reference, status, created_at, served_at from item where agency_id = ",
+        "select id, kind, reference, status, lane, created_at, served_at from item where agency_id = ",
     );
     b.push_bind(agency.id);
     if let Some(s) = &q.status {

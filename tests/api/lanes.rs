@@ -81,6 +81,11 @@ async fn an_item_sent_on_its_own_is_not_stuck_behind_a_batch() {
         let v: Value = app.get(&format!("/v1/correspondence/{id}"), &key).await.json().await.unwrap();
         assert_eq!(v["lane"], lane, "{id}");
     }
+    for (reference, lane) in [("2-0/2026", "bulk"), ("2-alone/2026", "standard"), ("2-campaign/2026", "bulk")] {
+        let page: Value =
+            app.get(&format!("/v1/correspondence?reference={reference}"), &key).await.json().await.unwrap();
+        assert_eq!(page["items"][0]["lane"], lane, "{page}");
+    }
 
     // Everything published: each lane's work is in its own queues (inbox and SMS notice).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
