@@ -17,33 +17,15 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel};
 use secrecy::ExposeSecret;
 use serde_json::Value;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Settings;
-use crate::queue::{self, Envelope, Topology};
+use crate::queue::{self, Topology};
 
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Queues a message for the relay; the caller owns the transaction.
-pub async fn enqueue(
-    conn: &mut PgConnection,
-    exchange: &str,
-    routing_key: &str,
-    message_id: Uuid,
-    envelope: &Envelope,
-) -> sqlx::Result<()> {
-    sqlx::query("insert into outbox (exchange, routing_key, message_id, payload) values ($1, $2, $3, $4)")
-        .bind(exchange)
-        .bind(routing_key)
-        .bind(message_id)
-        .bind(sqlx::types::Json(envelope))
-        .execute(conn)
-        .await?;
-    Ok(())
-}
 
 /// Runs the relay until cancelled, reconnecting to RabbitMQ (with backoff) whenever the
 /// connection is lost.

@@ -546,7 +546,7 @@ async fn consume(
     cancel: &CancellationToken,
     connected: &mut bool,
 ) -> anyhow::Result<()> {
-    let conn = queue::connect(settings.amqp_url.expose_secret(), &format!("dalil-worker-{}", handler.name())).await?;
+    let conn = queue::connect(settings.amqp_url.expose_secret(), &format!("dalil-worker-{queue_name}")).await?;
     let amqp = conn.create_channel().await?;
     amqp.basic_qos(settings.worker.prefetch, BasicQosOptions::default()).await?;
     amqp.confirm_select(ConfirmSelectOptions::default()).await?;

@@ -699,8 +699,8 @@ pub struct ItemView {
     pub subject: String,
     /// accepted → consigned → opened → served; or failed, undeliverable, recalled.
     pub status: String,
-    /// standard or bulk: the delivery queues it travels in.
-    pub lane: String,
+    /// The delivery queues it travels in.
+    pub lane: Lane,
     #[schema(value_type = Object)]
     pub recipient: Value,
     pub respond_by: Option<DateTime<Utc>>,
@@ -751,7 +751,7 @@ struct ItemRow {
     reference: String,
     subject: String,
     status: String,
-    lane: String,
+    lane: Lane,
     pinfl: Option<String>,
     tin: Option<String>,
     respond_by: Option<DateTime<Utc>>,
@@ -896,8 +896,7 @@ pub struct ListEntry {
     pub kind: String,
     pub reference: String,
     pub status: String,
-    /// standard or bulk
-    pub lane: String,
+    pub lane: Lane,
     pub created_at: DateTime<Utc>,
     pub served_at: Option<DateTime<Utc>>,
 }

@@ -102,12 +102,14 @@ pub async fn claim(
                 .await?;
         return Ok(Json(manifest(&mut *state.pool.acquire().await?, existing, key).await?));
     }
-    // Two operators, or two claims of one, never get the same letter.
+    // Two operators, or two claims of one, never get the same letter. The standard lane's
+    // letters first, then the bulk lane's, each oldest first (the order of `letter_ready`).
     let claimed: Vec<(Uuid, String)> = sqlx::query_as(
         "update letter set status = 'claimed', batch_id = $2, claimed_at = now(), updated_at = now()
          where item_id in (select l.item_id from letter l join item i on i.id = l.item_id
                            where l.operator_id = $1 and l.status = 'ready'
-                           order by l.created_at limit $3 for no key update of i, l skip locked)
+                           order by l.lane = 'bulk', l.created_at limit $3
+                           for no key update of i, l skip locked)
          returning item_id, pdf_sha256",
     )
     .bind(op.id)

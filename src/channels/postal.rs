@@ -119,8 +119,8 @@ impl Channel for Postal {
                 .ok_or_else(|| ChannelError::Permanent("no operator".into()))?;
             let lines: Vec<String> = serde_json::from_value(sent.details["address_lines"].clone()).unwrap_or_default();
             let inserted = sqlx::query(
-                "insert into letter (item_id, attempt_id, operator_id, pdf, pdf_sha256, address_lines, status)
-                 values ($1, $2, $3, $4, $5, $6, 'ready') on conflict (item_id) do nothing",
+                "insert into letter (item_id, attempt_id, operator_id, pdf, pdf_sha256, address_lines, status, lane)
+                 values ($1, $2, $3, $4, $5, $6, 'ready', $7) on conflict (item_id) do nothing",
             )
             .bind(job.item.item_id)
             .bind(job.attempt_id)
@@ -128,6 +128,7 @@ impl Channel for Postal {
             .bind(sent.document.as_deref().unwrap_or_default())
             .bind(sent.details["pdf_sha256"].as_str().unwrap_or_default())
             .bind(&lines)
+            .bind(job.lane)
             .execute(&mut *conn)
             .await?
             .rows_affected();

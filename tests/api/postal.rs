@@ -267,3 +267,37 @@ async fn no_operator_for_the_region_fails_the_letter_clearly_and_unconfirmed_let
     let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("dalil_postal_unconfirmed_letters 1"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_claims_the_standard_lanes_letters_before_the_bulk_lanes() {
+    let app = TestApp::spawn().await;
+    let key = app.agency("court-paper-lanes").await;
+    let op = operator(&app, "uzpost-lanes", "UZ-TK").await;
+    let pinfl = paper_recipient(&app, "3120588010045", "UZ-TK").await;
+    // Two letters of a bulk mailing made ready first, then a summons sent on its own.
+    let mut ids = Vec::new();
+    for (idem, lane) in [("pl-1", "bulk"), ("pl-2", "bulk"), ("pl-3", "standard")] {
+        let mut body = summons(&pinfl);
+        body["reference"] = idem.into();
+        body["lane"] = lane.into();
+        let v: Value = app.submit(&key, idem, &body).await.json().await.unwrap();
+        let id = v["id"].as_str().unwrap().to_string();
+        letter_ready(&app, &id).await;
+        ids.push(id);
+    }
+    let lanes: Vec<String> =
+        sqlx::query_scalar("select lane from letter order by created_at").fetch_all(&app.pool).await.unwrap();
+    assert_eq!(lanes, ["bulk", "bulk", "standard"]);
+
+    let claimed = |m: Value| -> Vec<String> {
+        m["letters"].as_array().unwrap().iter().map(|l| l["item_id"].as_str().unwrap().to_string()).collect()
+    };
+    let first = post_json(&app, "/v1/postal/batches", &op, json!({ "batch_key": "l-1", "limit": 1 })).await;
+    assert_eq!(claimed(first.json().await.unwrap()), [ids[2].clone()]);
+    let rest = post_json(&app, "/v1/postal/batches", &op, json!({ "batch_key": "l-2", "limit": 10 })).await;
+    let mut rest = claimed(rest.json().await.unwrap());
+    rest.sort();
+    let mut bulk = vec![ids[0].clone(), ids[1].clone()];
+    bulk.sort();
+    assert_eq!(rest, bulk);
+}
