@@ -129,3 +129,67 @@ async fn an_item_sent_on_its_own_is_not_stuck_behind_a_batch() {
     worker.await.unwrap().unwrap();
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_sent_on_its_own_goes_to_the_sms_gateway_ahead_of_a_batch_waiting_for_its_rate() {
+    // A gateway that takes 20 messages a second, and no workers until the batch is queued.
+    let mut app = TestApp::spawn_with(Options {
+        roles: Roles { worker: false, ..Roles::ALL },
+        tweak: |s| s.sms.rate_per_second = 20,
+        ..Default::default()
+    })
+    .await;
+    let key = app.agency("court-lanes-sms").await;
+    let (pinfl, _) = app.citizen_with("3120588010402", Some("+998901234568"), None).await;
+    let n = 40;
+    let items: Vec<Value> = (0..n)
+        .map(|i| {
+            let mut body = light(pinfl.as_str(), &format!("3-{i}/2026"));
+            body["idempotency_key"] = format!("sms-bulk-{i}").into();
+            body
+        })
+        .collect();
+    assert_eq!(app.submit_batch(&key, &items).await.status(), 202);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while waiting(&app, "delivery.sms.bulk").await < n {
+        assert!(tokio::time::Instant::now() < deadline, "the batch's notices were not queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The SMS worker starts on the batch: 40 notices wait two seconds for the gateway's rate.
+    let topology = dalil::app::load_topology(&app.settings).unwrap();
+    let cancel = CancellationToken::new();
+    let worker = tokio::spawn(dalil::worker::run(
+        app.pool.clone(),
+        app.settings.clone(),
+        topology,
+        vec!["sms".into()],
+        cancel.clone(),
+    ));
+    while app.sms.messages().await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no notice reached the gateway");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A summons sent on its own now takes the next slot or the one after, not the batch's last.
+    let resp = app.submit(&key, "sms-alone", &light(pinfl.as_str(), "3-alone/2026")).await;
+    assert_eq!(resp.status(), 202);
+    let alone = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let attempt: uuid::Uuid = sqlx::query_scalar("select id from attempt where item_id = $1::uuid and channel = 'sms'")
+        .bind(&alone)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    while app.sms.messages().await.len() < n as usize + 1 {
+        assert!(tokio::time::Instant::now() < deadline, "not every notice reached the gateway");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut received = app.sms.messages().await;
+    received.sort_by_key(|m| m.received_at);
+    let place = received.iter().position(|m| m.request.client_ref == attempt.to_string()).unwrap();
+    let behind = received.len() - 1 - place;
+    assert!(behind >= 20, "only {behind} of the batch's {n} notices went to the gateway after the one sent alone");
+    cancel.cancel();
+    worker.await.unwrap().unwrap();
+    app.stop().await;
+}
