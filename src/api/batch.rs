@@ -31,7 +31,6 @@ use super::correspondence::{self, Seen, SubmitRequest, SubmitResponse};
 use super::error::ItemProblem;
 use super::{ApiError, ApiResult, AppState, JsonBody};
 use crate::domain::Lane;
-use crate::evidence;
 
 /// Items in one batch, at most.
 pub const MAX_BATCH_ITEMS: usize = 1000;
@@ -236,7 +235,7 @@ fn read(raw: Vec<Value>) -> (Vec<Item>, Vec<SubmitRequest>, Vec<ItemProblem>) {
         };
         // What a replay compares: the item without its key, as `POST /v1/correspondence` would
         // have had it.
-        let request_sha256 = evidence::sha256_hex(&crate::jcs::to_vec(&value));
+        let request_sha256 = correspondence::request_digest(&mut value);
         let body = serde_path_to_error::deserialize::<_, SubmitRequest>(&value)
             .map_err(|e| {
                 let path = e.path().to_string();

@@ -228,8 +228,10 @@ pub async fn submit(
     IdempotencyKey(key): IdempotencyKey,
     body: JsonBody<SubmitRequest>,
 ) -> ApiResult<Response> {
-    let request_sha256 = evidence::sha256_hex(&crate::jcs::to_vec(&body.raw));
-    match accept(&state, &agency, &key, &request_sha256, body.value).await {
+    let JsonBody { value, mut raw } = body;
+    let request_sha256 = request_digest(&mut raw);
+    drop(raw);
+    match accept(&state, &agency, &key, &request_sha256, value).await {
         Ok(Some(response)) => Ok(response),
         // Another request holds the key: answer as it did, once it has.
         Ok(None) => {
@@ -253,6 +255,22 @@ pub async fn submit(
             Err(_) => Err(e),
         },
     }
+}
+
+/// What a retry's body is compared by: the SHA-256 of its canonical JSON (RFC 8785), without
+/// its idempotency key (a batch item's) and without `lane`. The lane is where the item is sent,
+/// not what it is: the first request for a key decides it, and a retry that names the lane or
+/// leaves it to its endpoint's default is the same item. `body` is given back as it came.
+pub(super) fn request_digest(body: &mut Value) -> String {
+    let Some(object) = body.as_object_mut() else {
+        return evidence::sha256_hex(&crate::jcs::to_vec(body));
+    };
+    let lane = object.remove("lane");
+    let digest = evidence::sha256_hex(&crate::jcs::to_vec(body));
+    if let (Some(lane), Some(object)) = (lane, body.as_object_mut()) {
+        object.insert("lane".into(), lane);
+    }
+    digest
 }
 
 /// Validates, renders and writes a new submission; `None` when its key was claimed first.

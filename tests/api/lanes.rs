@@ -193,3 +193,34 @@ async fn a_notice_sent_on_its_own_goes_to_the_sms_gateway_ahead_of_a_batch_waiti
     worker.await.unwrap().unwrap();
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_sent_again_is_the_same_item_in_the_lane_it_was_first_written_in() {
+    let app = TestApp::spawn().await;
+    let key = app.agency("court-lanes-retry").await;
+    let (pinfl, _) = app.citizen("3120588010403").await;
+    let body = light(pinfl.as_str(), "4-1/2026");
+    let first: Value = app.submit(&key, "retry-1", &body).await.json().await.unwrap();
+    let id = first["id"].as_str().unwrap();
+
+    // Again with the lane named, alone and then in a batch (whose default is bulk): the lane is
+    // where an item goes, not what it is, so each is the first item, still in the standard lane.
+    let mut named = body.clone();
+    named["lane"] = "bulk".into();
+    let again = app.submit(&key, "retry-1", &named).await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], id);
+    let mut item = body.clone();
+    item["idempotency_key"] = "retry-1".into();
+    let batch = app.submit_batch(&key, &[item]).await;
+    assert_eq!(batch.status(), 202);
+    assert_eq!(batch.json::<Value>().await.unwrap()["items"][0]["id"], id);
+    let v: Value = app.get(&format!("/v1/correspondence/{id}"), &key).await.json().await.unwrap();
+    assert_eq!(v["lane"], "standard");
+    assert_eq!(app.count("select count(*) from item").await, 1);
+
+    // Another body under the key is still refused.
+    let mut other = named.clone();
+    other["reference"] = "4-2/2026".into();
+    assert_eq!(app.submit(&key, "retry-1", &other).await.status(), 409);
+}
