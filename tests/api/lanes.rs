@@ -35,6 +35,31 @@ fn light(pinfl: &str, reference: &str) -> Value {
     body
 }
 
+/// `n` light items for one batch, each with its key: references `{series}-{i}/2026`.
+fn batch_of(pinfl: &str, series: &str, n: u32) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let mut body = light(pinfl, &format!("{series}-{i}/2026"));
+            body["idempotency_key"] = format!("{series}-bulk-{i}").into();
+            body
+        })
+        .collect()
+}
+
+/// Starts a worker of this app for one channel (both its lanes); cancel the token to stop it.
+fn start_worker(app: &TestApp, channel: &str) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let topology = dalil::app::load_topology(&app.settings).unwrap();
+    let cancel = CancellationToken::new();
+    let worker = tokio::spawn(dalil::worker::run(
+        app.pool.clone(),
+        app.settings.clone(),
+        topology,
+        vec![channel.into()],
+        cancel.clone(),
+    ));
+    (cancel, worker)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_item_sent_on_its_own_is_not_stuck_behind_a_batch() {
     // No workers yet: the queues fill first, so the order they are taken in is the test's.
@@ -57,14 +82,7 @@ async fn an_item_sent_on_its_own_is_not_stuck_behind_a_batch() {
 
     // 900 items in one batch, then one summons on its own, and one sent on its own as bulk.
     let n = 900;
-    let items: Vec<Value> = (0..n)
-        .map(|i| {
-            let mut body = light(pinfl.as_str(), &format!("2-{i}/2026"));
-            body["idempotency_key"] = format!("bulk-{i}").into();
-            body
-        })
-        .collect();
-    let resp = app.submit_batch(&key, &items).await;
+    let resp = app.submit_batch(&key, &batch_of(pinfl.as_str(), "2", n)).await;
     assert_eq!(resp.status(), 202);
     let batch: Value = resp.json().await.unwrap();
     let first_of_batch = batch["items"][0]["id"].as_str().unwrap().to_string();
@@ -100,15 +118,7 @@ async fn an_item_sent_on_its_own_is_not_stuck_behind_a_batch() {
 
     // The inbox worker starts with 901 items waiting in bulk, sent before the one alone: that
     // one is deposited while most of them still wait. In one queue it would come last.
-    let topology = dalil::app::load_topology(&app.settings).unwrap();
-    let cancel = CancellationToken::new();
-    let worker = tokio::spawn(dalil::worker::run(
-        app.pool.clone(),
-        app.settings.clone(),
-        topology,
-        vec!["inbox".into()],
-        cancel.clone(),
-    ));
+    let (cancel, worker) = start_worker(&app, "inbox");
     app.wait_for_status(&key, &alone, &["consigned"]).await;
     let ahead = app
         .count(&format!(
@@ -142,14 +152,7 @@ async fn a_notice_sent_on_its_own_goes_to_the_sms_gateway_ahead_of_a_batch_waiti
     let key = app.agency("court-lanes-sms").await;
     let (pinfl, _) = app.citizen_with("3120588010402", Some("+998901234568"), None).await;
     let n = 40;
-    let items: Vec<Value> = (0..n)
-        .map(|i| {
-            let mut body = light(pinfl.as_str(), &format!("3-{i}/2026"));
-            body["idempotency_key"] = format!("sms-bulk-{i}").into();
-            body
-        })
-        .collect();
-    assert_eq!(app.submit_batch(&key, &items).await.status(), 202);
+    assert_eq!(app.submit_batch(&key, &batch_of(pinfl.as_str(), "3", n)).await.status(), 202);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while waiting(&app, "delivery.sms.bulk").await < n {
         assert!(tokio::time::Instant::now() < deadline, "the batch's notices were not queued");
@@ -157,15 +160,7 @@ async fn a_notice_sent_on_its_own_goes_to_the_sms_gateway_ahead_of_a_batch_waiti
     }
 
     // The SMS worker starts on the batch: 40 notices wait two seconds for the gateway's rate.
-    let topology = dalil::app::load_topology(&app.settings).unwrap();
-    let cancel = CancellationToken::new();
-    let worker = tokio::spawn(dalil::worker::run(
-        app.pool.clone(),
-        app.settings.clone(),
-        topology,
-        vec!["sms".into()],
-        cancel.clone(),
-    ));
+    let (cancel, worker) = start_worker(&app, "sms");
     while app.sms.messages().await.is_empty() {
         assert!(tokio::time::Instant::now() < deadline, "no notice reached the gateway");
         tokio::time::sleep(Duration::from_millis(20)).await;
