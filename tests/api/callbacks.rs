@@ -291,3 +291,62 @@ async fn bad_callback_registrations_are_refused() {
     let r = app.client.delete(app.url(&path)).bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 204);
 }
+
+/// An event is recorded only when one of its own agency's endpoints subscribes to its type as
+/// it happens (otherwise it would be a copy of its evidence record that nobody reads), and a
+/// replay sends the recorded events to the endpoints that subscribe to them now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_is_recorded_only_for_the_endpoints_that_subscribe_to_it() {
+    let app = TestApp::spawn().await;
+    let key = app.agency("court-quiet").await;
+    let other = app.agency("court-other").await;
+    let receiver = Receiver::default();
+    let url = receiver.start().await;
+    // Another agency's endpoint, subscribed to everything, records nothing for this one.
+    register(&app, &other, &url, json!([])).await;
+    let since = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let (pinfl, _) = app.citizen("3010190223458").await;
+    let events_of = |id: String| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("select type from callback_event where item_id = $1::uuid order by type")
+                .bind(id)
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    let v: Value = app.submit(&key, "q-1", &summons(pinfl.as_str())).await.json().await.unwrap();
+    let unheard = v["id"].as_str().unwrap().to_string();
+    app.wait_for_status(&key, &unheard, &["consigned"]).await;
+    let records = app.count(&format!("select count(*) from evidence where item_id = '{unheard}'")).await;
+    assert_eq!(records, 2, "SubmissionAcceptance and ContentConsignment");
+    assert!(events_of(unheard.clone()).await.is_empty());
+
+    // Subscribed to `consigned` only: that event is recorded and called; `accepted` is not.
+    register(&app, &key, &url, json!(["consigned"])).await;
+    let v: Value = app.submit(&key, "q-2", &summons(pinfl.as_str())).await.json().await.unwrap();
+    let heard = v["id"].as_str().unwrap().to_string();
+    app.wait_for_status(&key, &heard, &["consigned"]).await;
+    let calls = receiver.wait_for("the consigned call", |c| !c.is_empty()).await;
+    assert_eq!(types(&calls), ["consigned"]);
+    assert_eq!(calls[0].json()["item"]["id"], heard.as_str());
+    assert_eq!(events_of(heard.clone()).await, ["consigned"]);
+
+    // An endpoint added later, for everything, is sent the recorded event by a replay, and so
+    // is the first endpoint again: two calls, none for what was never recorded.
+    register(&app, &key, &url, json!([])).await;
+    let r = app
+        .client
+        .post(app.url("/v1/callbacks/replay"))
+        .bearer_auth(&key)
+        .json(&json!({ "since": since.to_rfc3339() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.json::<Value>().await.unwrap()["queued"], 2);
+    let calls = receiver.wait_for("the two replayed calls", |c| c.len() >= 3).await;
+    assert!(calls.iter().all(|c| c.json()["item"]["id"] == heard.as_str()), "{:?}", types(&calls));
+}
