@@ -2,10 +2,16 @@
 //!
 //! Whatever must be published is written as an outbox row in the same transaction as the
 //! change that calls for it. The relay claims rows with `FOR UPDATE SKIP LOCKED` (so several
-//! relays share the work), publishes them with publisher confirms, and marks them published
-//! only once RabbitMQ confirmed every one — in the same transaction that holds the claim. A
-//! relay that dies mid-batch leaves its rows unmarked; they are published again and the
-//! consumers, idempotent by attempt id, absorb the duplicate.
+//! relays share the work), publishes them with publisher confirms, and deletes them only once
+//! RabbitMQ confirmed every one — in the same transaction that holds the claim. A relay that
+//! dies mid-batch leaves its rows in place; they are published again and the consumers,
+//! idempotent by attempt id, absorb the duplicate.
+//!
+//! A published row is deleted, not marked: what it announced is recorded where it belongs (the
+//! attempt, the evidence), and marking it cost a new version of the row and an entry in each
+//! of its indexes (`published_at` is in the predicate of the index the relay claims by), then a
+//! delete by the retention job days later. Rows that versions before this one marked
+//! published are still removed by retention.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,7 +129,7 @@ async fn run_connected(
     }
 }
 
-/// Claims, publishes and marks one batch. Returns (claimed, published).
+/// Claims, publishes and deletes one batch. Returns (claimed, published).
 pub async fn publish_batch(
     pool: &PgPool,
     ch: &Channel,
@@ -179,7 +185,7 @@ pub async fn publish_batch(
             );
         }
     }
-    sqlx::query("update outbox set published_at = now() where id = any($1)").bind(&published).execute(&mut *tx).await?;
+    sqlx::query("delete from outbox where id = any($1)").bind(&published).execute(&mut *tx).await?;
     tx.commit().await?;
     tracing::debug!(claimed = rows.len(), published = published.len(), "relay: batch");
     Ok((rows.len(), published.len()))

@@ -246,8 +246,8 @@ pub async fn run_job(name: &str, pool: &PgPool, settings: &Settings, me: &str) -
     Ok(())
 }
 
-/// Removes published outbox rows, finished callback deliveries and fired timers past their
-/// retention period. Returns how many of each.
+/// Removes outbox rows marked published (by versions before the relay deleted them), finished
+/// callback deliveries and fired timers past their retention period. Returns how many of each.
 pub async fn retention(pool: &PgPool, settings: &Settings) -> sqlx::Result<(u64, u64, u64)> {
     let r = &settings.retention;
     let outbox = sqlx::query(

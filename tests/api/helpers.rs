@@ -272,14 +272,31 @@ impl TestApp {
         }
     }
 
-    /// Rows in every table a submission writes.
+    /// Rows in every table a submission writes. Its outbox rows, which the relay deletes once
+    /// published, are counted by their attempts (one each).
     pub async fn written(&self) -> i64 {
         self.count(
             "select (select count(*) from item) + (select count(*) from attachment) + (select count(*) from idempotency)
-                  + (select count(*) from step) + (select count(*) from attempt) + (select count(*) from outbox)
-                  + (select count(*) from evidence)",
+                  + (select count(*) from step) + (select count(*) from attempt) + (select count(*) from evidence)",
         )
         .await
+    }
+
+    /// From now on, keeps a copy of each outbox row the relay deletes once published in
+    /// `outbox_published`, with the id of the transaction (the relay's round) that deleted it.
+    pub async fn keep_published_outbox_rows(&self) {
+        sqlx::raw_sql(
+            "create table outbox_published as select *, 0::bigint as round from outbox where false;
+             create function keep_published() returns trigger language plpgsql as $$
+             begin
+                 insert into outbox_published select old.*, txid_current();
+                 return old;
+             end $$;
+             create trigger keep_published after delete on outbox for each row execute function keep_published();",
+        )
+        .execute(&self.pool)
+        .await
+        .unwrap();
     }
 }
 

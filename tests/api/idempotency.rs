@@ -55,7 +55,7 @@ async fn concurrent_retries_create_one_item() {
     }
     assert_eq!(ids.len(), 1);
     assert_eq!(app.count("select count(*) from item").await, 1);
-    assert_eq!(app.count("select count(*) from outbox").await, 1);
+    assert_eq!(app.count("select count(*) from attempt").await, 1);
     assert_eq!(app.count("select count(*) from evidence where event = 'SubmissionAcceptance'").await, 1);
     // The same key from another agency is another request.
     let other = app.agency("court-d").await;

@@ -154,6 +154,7 @@ async fn an_unopened_summons_escalates_to_a_letter_then_is_deemed_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_items_later_steps_stay_in_the_bulk_lane() {
     let app = TestApp::spawn().await;
+    app.keep_published_outbox_rows().await;
     operator(&app).await;
     let key = app.agency("court-escalate-bulk").await;
     let (pinfl, _) = consenting_recipient(&app, "3010190123457").await;
@@ -169,7 +170,7 @@ async fn a_bulk_items_later_steps_stay_in_the_bulk_lane() {
     })
     .await;
     let routes: Vec<String> = sqlx::query_scalar(
-        "select o.routing_key from outbox o join attempt a on a.id = o.message_id
+        "select o.routing_key from outbox_published o join attempt a on a.id = o.message_id
          where a.item_id = $1::uuid order by o.routing_key",
     )
     .bind(&id)
