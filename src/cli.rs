@@ -88,8 +88,9 @@ pub enum Command {
         /// `dalil all`.
         #[arg(long, default_value_t = 0)]
         workers: usize,
-        /// Seconds each raw ceiling (PostgreSQL, RabbitMQ) is measured for.
-        #[arg(long, default_value_t = 5)]
+        /// Seconds each raw ceiling (PostgreSQL, RabbitMQ) is measured for (at least 1: the
+        /// table's ratios are to them).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
         ceiling_seconds: u64,
         /// Also write the figures as JSON to this file.
         #[arg(long)]
