@@ -143,6 +143,11 @@ pub struct Report {
     /// an item costs the machine end to end; `None` where /proc/stat is not there to read.
     pub machine_cpu_seconds: Option<f64>,
     pub machine_cpu_ms_per_item: Option<f64>,
+    /// Bytes of WAL the PostgreSQL server wrote over the same span, per accepted item: what an
+    /// item costs the database in writes (rows, index entries, their headers), which the
+    /// machine's speed does not move. The whole server's (`pg_stat_wal`), so other databases'
+    /// writes count too; `None` before PostgreSQL 14.
+    pub wal_bytes_per_item: Option<f64>,
     pub pg_three_row_tx_per_second: f64,
     pub rabbitmq_confirmed_publishes_per_second: f64,
     pub accepted_ratio_to_pg: f64,
@@ -192,6 +197,11 @@ impl Drop for Fleet {
 
 /// CPU-seconds the machine has been busy since boot (all CPUs: user, nice, system, irq and
 /// softirq time from /proc/stat; idle, I/O wait and time stolen by a hypervisor are not).
+/// Bytes of WAL the server has written since its statistics were reset (PostgreSQL 14+).
+async fn wal_bytes(pool: &PgPool) -> Option<f64> {
+    sqlx::query_scalar::<_, f64>("select wal_bytes::float8 from pg_stat_wal").fetch_one(pool).await.ok()
+}
+
 fn machine_busy_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     busy_seconds(stat.lines().next()?)
@@ -368,6 +378,7 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
     // Drive.
     let done = Arc::new(AtomicUsize::new(0));
     let busy_before = machine_busy_seconds();
+    let wal_before = wal_bytes(&pool).await;
     let started = Instant::now();
     use std::io::IsTerminal;
     // A progress bar on a terminal; in a log file it would be noise.
@@ -432,6 +443,10 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let machine_cpu_seconds = busy_before.zip(machine_busy_seconds()).map(|(before, after)| after - before);
+    let wal = match wal_before {
+        Some(before) => wal_bytes(&pool).await.map(|after| after - before),
+        None => None,
+    };
     fleet.stop().await;
 
     // End-to-end figures from the database (server clock) and the simulator.
@@ -496,6 +511,7 @@ async fn bench(s: &Settings, o: &Options, dir: &std::path::Path) -> anyhow::Resu
         cpu_seconds: cpu,
         machine_cpu_seconds,
         machine_cpu_ms_per_item: machine_cpu_seconds.filter(|_| accepted > 0).map(|c| c * 1000.0 / accepted as f64),
+        wal_bytes_per_item: wal.filter(|_| accepted > 0).map(|w| w / accepted as f64),
         pg_three_row_tx_per_second: pg,
         rabbitmq_confirmed_publishes_per_second: mq,
         accepted_ratio_to_pg: accepted_per_second / pg,
@@ -865,6 +881,12 @@ pub fn table(r: &Report) -> String {
             _ => "n/a".into(),
         },
         "all processes, load generator included".into(),
+    );
+    row(
+        &mut out,
+        "PostgreSQL WAL per item",
+        r.wal_bytes_per_item.map(|w| format!("{:.1} KiB", w / 1024.0)).unwrap_or_else(|| "n/a".into()),
+        "whole server; moves least with the machine's speed".into(),
     );
     row(
         &mut out,
