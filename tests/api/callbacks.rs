@@ -97,6 +97,17 @@ async fn register(app: &TestApp, key: &str, url: &str, events: Value) -> Value {
     r.json().await.unwrap()
 }
 
+/// Asks for every event since `since` again.
+async fn replay(app: &TestApp, key: &str, since: chrono::DateTime<chrono::Utc>) -> reqwest::Response {
+    app.client
+        .post(app.url("/v1/callbacks/replay"))
+        .bearer_auth(key)
+        .json(&json!({ "since": since.to_rfc3339() }))
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_are_signed_and_the_receiver_verifies_them() {
     let app = TestApp::spawn().await;
@@ -198,14 +209,7 @@ async fn a_failing_receiver_is_retried_with_backoff_then_replayed() {
     assert_eq!(codes, [503, 503, 204]);
 
     // Replay: the agency asks again for everything since a time; same event id, new delivery.
-    let r = app
-        .client
-        .post(app.url("/v1/callbacks/replay"))
-        .bearer_auth(&key)
-        .json(&json!({ "since": since.to_rfc3339() }))
-        .send()
-        .await
-        .unwrap();
+    let r = replay(&app, &key, since).await;
     assert_eq!(r.status(), 202);
     assert_eq!(r.json::<Value>().await.unwrap()["queued"], 1);
     let calls = receiver.wait_for("the replayed call", |c| c.len() >= 4).await;
@@ -214,14 +218,7 @@ async fn a_failing_receiver_is_retried_with_backoff_then_replayed() {
     assert!(log["deliveries"].as_array().unwrap().iter().any(|d| d["replay"] == true));
 
     // Bad replays change nothing.
-    let r = app
-        .client
-        .post(app.url("/v1/callbacks/replay"))
-        .bearer_auth(&key)
-        .json(&json!({ "since": (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339() }))
-        .send()
-        .await
-        .unwrap();
+    let r = replay(&app, &key, chrono::Utc::now() + chrono::Duration::days(1)).await;
     assert_eq!(r.status(), 422);
 }
 
@@ -337,14 +334,7 @@ async fn an_event_is_recorded_only_for_the_endpoints_that_subscribe_to_it() {
     // An endpoint added later, for everything, is sent the recorded event by a replay, and so
     // is the first endpoint again: two calls, none for what was never recorded.
     register(&app, &key, &url, json!([])).await;
-    let r = app
-        .client
-        .post(app.url("/v1/callbacks/replay"))
-        .bearer_auth(&key)
-        .json(&json!({ "since": since.to_rfc3339() }))
-        .send()
-        .await
-        .unwrap();
+    let r = replay(&app, &key, since).await;
     assert_eq!(r.status(), 202);
     assert_eq!(r.json::<Value>().await.unwrap()["queued"], 2);
     let calls = receiver.wait_for("the two replayed calls", |c| c.len() >= 3).await;
