@@ -195,13 +195,13 @@ impl Drop for Fleet {
     }
 }
 
-/// CPU-seconds the machine has been busy since boot (all CPUs: user, nice, system, irq and
-/// softirq time from /proc/stat; idle, I/O wait and time stolen by a hypervisor are not).
 /// Bytes of WAL the server has written since its statistics were reset (PostgreSQL 14+).
 async fn wal_bytes(pool: &PgPool) -> Option<f64> {
     sqlx::query_scalar::<_, f64>("select wal_bytes::float8 from pg_stat_wal").fetch_one(pool).await.ok()
 }
 
+/// CPU-seconds the machine has been busy since boot (all CPUs: user, nice, system, irq and
+/// softirq time from /proc/stat; idle, I/O wait and time stolen by a hypervisor are not).
 fn machine_busy_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     busy_seconds(stat.lines().next()?)

@@ -3,8 +3,9 @@
 //!
 //! Events are written in the transaction that wrote their evidence (so none is lost and none
 //! is told before it is committed), with one `callback_delivery` and one outbox row per
-//! subscribed endpoint; an event no endpoint subscribes to is not recorded. Calls go through their own queue (`webhooks`) and worker, retried with
-//! the topology's backoff; a slow or dead endpoint never holds up delivery work.
+//! subscribed endpoint; an event no endpoint subscribes to is not recorded. Calls go through
+//! their own queue (`webhooks`) and worker, retried with the topology's backoff; a slow or dead
+//! endpoint never holds up delivery work.
 //!
 //! Each call carries:
 //! - `Dalil-Timestamp`: Unix seconds when it was signed;

@@ -76,7 +76,9 @@ async fn at_a_fixed_rate_the_benchmark_sends_for_the_time_given_and_every_item_a
     assert_eq!((report.evidence_records, report.evidence_in_log), (400, 400), "{report:?}");
     assert_eq!(report.offered_per_second, Some(50.0));
     // Offered at 50/s for 2 s: accepted at about that rate, not as fast as the server could.
-    assert!((30.0..=55.0).contains(&report.accepted_per_second), "{report:?}");
+    // The last batch is due 1.8 s after the first, so a harness that keeps to the due times
+    // reports at most 100 / 1.8 ≈ 55.6 items/s, reached when answers take no time at all.
+    assert!((30.0..=100.0 / 1.8).contains(&report.accepted_per_second), "{report:?}");
     assert_eq!(report.batch, 10);
     let table = dalil::bench::table(&report);
     assert!(table.contains("offered at 50/s") && table.contains("10 items per request"), "{table}");
