@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use reqwest::Response;
-use serde_json::Value;
+use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::helpers::{summons, Options, TestApp};
@@ -393,4 +393,106 @@ async fn outbox_rows_that_trickle_in_are_published_together() {
     .unwrap();
     assert_eq!(rows, 4);
     assert!(rounds <= 2, "four items 150 ms apart were published in {rounds} rounds");
+}
+
+/// The page (block number) each row of `table` is on, by its key.
+async fn pages(app: &TestApp, table: &str, key: &str) -> std::collections::HashMap<String, i64> {
+    let sql = format!("select {key}::text, (ctid::text::point)[0]::bigint from {table}");
+    sqlx::query_as::<_, (String, i64)>(&sql).fetch_all(&app.pool).await.unwrap().into_iter().collect()
+}
+
+/// The rows of `table` that left the page they were on in `before` (or were not there).
+async fn moved(app: &TestApp, table: &str, key: &str, before: &std::collections::HashMap<String, i64>) -> usize {
+    let after = pages(app, table, key).await;
+    assert_eq!(after.len(), before.len(), "{table}: rows came or went");
+    after.iter().filter(|(k, page)| before.get(*k) != Some(*page)).count()
+}
+
+/// `n` messages taken off `queue` (acknowledged as they are taken).
+async fn take(app: &TestApp, queue: &str, n: usize) -> Vec<Vec<u8>> {
+    let queue = format!("{}{queue}", app.settings.queue_prefix);
+    let conn = dalil::queue::connect(&crate::helpers::amqp_base(), "test-take").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut bodies = Vec::new();
+    while bodies.len() < n {
+        let options = lapin::options::BasicGetOptions { no_ack: true };
+        match ch.basic_get(queue.as_str().into(), options).await.unwrap() {
+            Some(m) => bodies.push(m.delivery.data.clone()),
+            None => {
+                assert!(tokio::time::Instant::now() < deadline, "{queue}: {} of {n} messages", bodies.len());
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    conn.close(200, "ok".into()).await.unwrap();
+    bodies
+}
+
+/// Rows written together sit together, and their deliveries are recorded together: one
+/// statement updates every attempt, step and item on a page at once, when no old version on it
+/// can be pruned yet. Each page keeps room for one new version of every row on it, so each of
+/// those updates is HOT: the row stays on its page and no index gains an entry (with a fifth
+/// to a third of the page free, most rows of a batch moved, with an entry in every index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_recorded_together_update_their_rows_in_place() {
+    use dalil::worker::{process_batch, Outcome};
+    // The test is the worker, so it can look at the pages between the writes.
+    let app = TestApp::spawn_with(Options {
+        roles: dalil::app::Roles { worker: false, ..dalil::app::Roles::ALL },
+        ..Default::default()
+    })
+    .await;
+    // Reports come late enough to see the SMS messages' pages before them.
+    app.sms.set(dalil::sim::Behaviour { report_delay_ms: 3000, ..Default::default() }).await;
+    let key = app.agency("court-hot").await;
+    let (pinfl, _) = app.citizen_with("3120588010044", Some("+998901234567"), None).await;
+    let n = 40;
+    let items: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({
+                "idempotency_key": format!("hot-{i}"),
+                "kind": "notification",
+                "recipient": { "pinfl": pinfl.as_str() },
+                "template": "notice",
+                "language": "uz-Latn",
+                "reference": format!("N-{i}"),
+                "personalisation": { "title": "Murojaatingiz koʻrib chiqildi", "body": "Qaror qabul qilindi." }
+            })
+        })
+        .collect();
+    assert_eq!(app.submit_batch(&key, &items).await.status(), 202);
+    let (attempts, steps, item_rows) =
+        (pages(&app, "attempt", "id").await, pages(&app, "step", "id").await, pages(&app, "item", "id").await);
+    assert_eq!((attempts.len(), steps.len(), item_rows.len()), (2 * n, 2 * n, n));
+
+    let kept = dalil::db::Kept::new(app.pool.clone(), 2);
+    let inbox = take(&app, "delivery.inbox.bulk", n).await;
+    let bodies: Vec<&[u8]> = inbox.iter().map(Vec::as_slice).collect();
+    let outcomes = process_batch(&kept, &dalil::channels::inbox::Inbox, &bodies).await;
+    assert!(outcomes.iter().all(|o| *o == Outcome::Done), "{outcomes:?}");
+    let sms_channel = dalil::channels::build("sms", &app.settings, &app.pool).unwrap();
+    let sms = take(&app, "delivery.sms.bulk", n).await;
+    let bodies: Vec<&[u8]> = sms.iter().map(Vec::as_slice).collect();
+    let outcomes = process_batch(&kept, sms_channel.as_ref(), &bodies).await;
+    assert!(outcomes.iter().all(|o| *o == Outcome::Done), "{outcomes:?}");
+    let messages = pages(&app, "sms_message", "attempt_id").await;
+    assert_eq!(messages.len(), n);
+    assert_eq!(app.count("select count(*) from sms_message where status = 'accepted'").await, n as i64);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while app.count("select count(*) from sms_message where status = 'delivered'").await < n as i64 {
+        assert!(tokio::time::Instant::now() < deadline, "the SMS reports were not recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    assert_eq!(app.count("select count(*) from attempt where status = 'done'").await, 2 * n as i64);
+    assert_eq!(app.count("select count(*) from step where status = 'done'").await, 2 * n as i64);
+    assert_eq!(app.count("select count(*) from item where status = 'consigned'").await, n as i64);
+    let moved = (
+        moved(&app, "attempt", "id", &attempts).await,
+        moved(&app, "step", "id", &steps).await,
+        moved(&app, "item", "id", &item_rows).await,
+        moved(&app, "sms_message", "attempt_id", &messages).await,
+    );
+    assert_eq!(moved, (0, 0, 0, 0), "rows (attempts, steps, items, SMS messages) that left their page");
 }
