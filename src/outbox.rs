@@ -9,9 +9,11 @@
 //!
 //! A published row is deleted, not marked: what it announced is recorded where it belongs (the
 //! attempt, the evidence), and marking it cost a new version of the row and an entry in each
-//! of its indexes (`published_at` is in the predicate of the index the relay claims by), then a
-//! delete by the retention job days later. Rows that versions before this one marked
-//! published are still removed by retention.
+//! of its indexes, then a delete by the retention job days later. So every row in the outbox
+//! waits to be published, and the relay claims them by the primary key, in order (migration
+//! 15 dropped the partial index of unpublished rows, which held the same entries). A row that
+//! an older version marked published (during a rolling upgrade) is stepped over and removed by
+//! retention.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,7 +131,8 @@ async fn run_connected(
     }
 }
 
-/// Claims, publishes and deletes one batch. Returns (claimed, published).
+/// Claims, publishes and deletes one batch. Returns (claimed, deleted): the rows published now
+/// and any an older version had published and marked.
 pub async fn publish_batch(
     pool: &PgPool,
     ch: &Channel,
@@ -137,9 +140,11 @@ pub async fn publish_batch(
     limit: i64,
 ) -> anyhow::Result<(usize, usize)> {
     let mut tx = pool.begin().await?;
-    let rows: Vec<(i64, String, String, Uuid, Value)> = sqlx::query_as(
-        "select id, exchange, routing_key, message_id, payload from outbox
-         where published_at is null order by id limit $1 for update skip locked",
+    // By the primary key alone: without statistics, PostgreSQL guesses that few rows have no
+    // `published_at` and would scan and sort the whole table to find them.
+    let rows: Vec<(i64, String, String, Uuid, Value, bool)> = sqlx::query_as(
+        "select id, exchange, routing_key, message_id, payload, published_at is not null from outbox
+         order by id limit $1 for update skip locked",
     )
     .bind(limit)
     .fetch_all(&mut *tx)
@@ -148,9 +153,10 @@ pub async fn publish_batch(
         return Ok((0, 0));
     }
     // Publish the whole batch, then wait for the confirms: a window in flight, never one
-    // awaited at a time.
+    // awaited at a time. A row an older version published and marked is only deleted.
+    let mut published: Vec<i64> = rows.iter().filter(|r| r.5).map(|r| r.0).collect();
     let mut pending = Vec::with_capacity(rows.len());
-    for (id, exchange, routing_key, message_id, payload) in &rows {
+    for (id, exchange, routing_key, message_id, payload, _) in rows.iter().filter(|r| !r.5) {
         let body = serde_json::to_vec(payload)?;
         let kind = payload.get("type").and_then(Value::as_str).unwrap_or("unknown");
         let props = BasicProperties::default()
@@ -169,7 +175,6 @@ pub async fn publish_batch(
             .await?;
         pending.push((*id, confirm));
     }
-    let mut published = Vec::with_capacity(pending.len());
     for (id, confirm) in pending {
         // A broker that stops answering must not hold the claimed rows for ever: give up, roll
         // back, reconnect, publish again.

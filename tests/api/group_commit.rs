@@ -496,3 +496,24 @@ async fn deliveries_recorded_together_update_their_rows_in_place() {
     );
     assert_eq!(moved, (0, 0, 0, 0), "rows (attempts, steps, items, SMS messages) that left their page");
 }
+
+/// The relay claims by the primary key alone. A row that an older version published and
+/// marked (it deleted nothing; a rolling upgrade can leave one) is deleted, not published
+/// again: this one names an exchange that does not exist, so publishing it would fail and
+/// leave it in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_an_older_relay_marked_published_is_deleted_not_published_again() {
+    let app = TestApp::spawn().await;
+    sqlx::query(
+        "insert into outbox (exchange, routing_key, message_id, payload, published_at)
+         values ('no-such-exchange', 'inbox', gen_random_uuid(), '{}', now())",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while app.count("select count(*) from outbox").await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the marked row is still in the outbox");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
