@@ -1,8 +1,8 @@
 -- Room on each page for one new version of every row on it, so the update each row gets when
 -- its delivery is recorded is HOT (heap-only: no new index entries, no row on another page).
 --
--- Migration 9 left a fifth to a third of each page free, which is room for a fifth to a third
--- of the page's rows to be updated. That is not how they are updated: rows written together
+-- Migration 9 left a fifth to a third of each page free, which is room for new versions of a
+-- quarter (a page 80 % full) to three sevenths (70 %) of the page's rows. That is not how they are updated: rows written together
 -- (a submission batch) sit together, and are updated together (a worker's batch, one
 -- statement), when no old version on the page can be pruned yet, because the statement itself
 -- deleted them. The rest of the page's rows then move to another page with a new entry in
