@@ -250,7 +250,7 @@ async fn a_batch_the_database_fails_half_way_says_so_and_its_retry_writes_the_re
     assert_eq!(app.count("select count(*) from item").await, 9);
     assert_eq!(app.count("select count(*) from idempotency where key = 'f-6'").await, 0);
 
-    sqlx::raw_sql("drop trigger refuse_poison on item").execute(&app.pool).await.unwrap();
+    app.execute("drop trigger refuse_poison on item").await;
     let resp = app.submit_batch(&key, &items).await;
     assert_eq!(resp.status(), 202);
     let answers: Value = resp.json().await.unwrap();

@@ -244,7 +244,7 @@ impl TestApp {
     /// A fault only the database sees, until the trigger `refuse_poison` on `item` is dropped:
     /// an item with the reference `poison` cannot be written.
     pub async fn refuse_poison(&self) {
-        sqlx::raw_sql(
+        self.execute(
             "create function refuse_poison() returns trigger language plpgsql as $$
              begin
                 if new.reference = 'poison' then raise exception 'injected fault'; end if;
@@ -252,9 +252,12 @@ impl TestApp {
              end $$;
              create trigger refuse_poison before insert on item for each row execute function refuse_poison();",
         )
-        .execute(&self.pool)
-        .await
-        .unwrap();
+        .await;
+    }
+
+    /// Runs SQL (several statements allowed) on this app's database, as its owner.
+    pub async fn execute(&self, sql: &str) {
+        sqlx::raw_sql(sql).execute(&self.pool).await.unwrap();
     }
 
     /// Waits until a connection to this app's database waits for a lock.
@@ -285,7 +288,7 @@ impl TestApp {
     /// From now on, keeps a copy of each outbox row the relay deletes once published in
     /// `outbox_published`, with the id of the transaction (the relay's round) that deleted it.
     pub async fn keep_published_outbox_rows(&self) {
-        sqlx::raw_sql(
+        self.execute(
             "create table outbox_published as select *, 0::bigint as round from outbox where false;
              create function keep_published() returns trigger language plpgsql as $$
              begin
@@ -294,9 +297,7 @@ impl TestApp {
              end $$;
              create trigger keep_published after delete on outbox for each row execute function keep_published();",
         )
-        .execute(&self.pool)
-        .await
-        .unwrap();
+        .await;
     }
 }
 
