@@ -39,7 +39,7 @@ async fn the_benchmark_drives_every_item_to_the_inbox_and_the_sms_gateway() {
     assert!(machine > 0.0, "{report:?}");
     assert_eq!(report.machine_cpu_ms_per_item, Some(machine * 1000.0 / 200.0));
     // An item's four evidence records alone are over 2 KiB of canonical JSON.
-    let wal = report.wal_bytes_per_item.expect("PostgreSQL 14 or later has pg_stat_wal");
+    let wal = report.wal_bytes_per_item.expect("PostgreSQL reports its WAL insert position");
     assert!(wal > 2048.0, "{wal} bytes of WAL per item");
     assert!(report.pg_three_row_tx_per_second > 0.0 && report.rabbitmq_confirmed_publishes_per_second > 0.0);
     let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
